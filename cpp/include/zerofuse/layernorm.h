@@ -1,0 +1,24 @@
+// LayerNorm over the last dimension of a [rows, D] input:
+//   y = (x - mean) * rstd * weight + bias,   rstd = 1 / sqrt(var + eps)
+// x and y are float32/float16/bfloat16 (float64 too on the CPU); weight/bias
+// have x's dtype or float32; mean and rstd are float32 [rows] (float64 for
+// float64 input) and are what the backward needs.
+#pragma once
+
+#include "zerofuse/stream.h"
+#include "zerofuse/tensor.h"
+
+namespace zerofuse {
+
+// weight and bias may each be null (no affine scale / no shift).
+void layernorm_forward(const TensorView& x, const TensorView* weight, const TensorView* bias,
+                       float eps, const TensorView& y, const TensorView& mean,
+                       const TensorView& rstd, Stream stream = {});
+
+// dx has x's dtype; dweight/dbias (each may be null: not wanted) have the
+// weight's dtype. dweight needs a weight.
+void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorView* weight,
+                        const TensorView& mean, const TensorView& rstd, const TensorView& dx,
+                        const TensorView* dweight, const TensorView* dbias, Stream stream = {});
+
+}  // namespace zerofuse

@@ -1,0 +1,171 @@
+// Python entry points of the kernels. Each converts and checks its arguments
+// with the GIL held, then releases the GIL while the kernel runs. These are the
+// low-level calls; zerofuse.ops / nn / optim wrap them for users.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "tensor_args.h"
+#include "zerofuse/adam.h"
+#include "zerofuse/attention.h"
+#include "zerofuse/grad_stats.h"
+#include "zerofuse/layernorm.h"
+
+namespace zerofuse::python {
+namespace {
+
+using py::arg;
+
+const TensorView* ptr(const std::optional<TensorView>& v) { return v ? &*v : nullptr; }
+
+AdamConfig adam_config(Args& a, double lr, double beta1, double beta2, double eps, double weight_decay,
+                       bool adam_w_mode, bool bias_correction, std::int64_t step, double inv_scale, double clip_coef,
+                       py::handle grad_multiplier, py::handle skip_if_nonzero) {
+  AdamConfig c;
+  c.lr = lr;
+  c.beta1 = beta1;
+  c.beta2 = beta2;
+  c.eps = eps;
+  c.weight_decay = weight_decay;
+  c.adam_w_mode = adam_w_mode;
+  c.bias_correction = bias_correction;
+  c.step = step;
+  c.inv_scale = inv_scale;
+  c.clip_coef = clip_coef;
+  if (auto v = a.optional(grad_multiplier, "grad_multiplier")) c.grad_multiplier = *v;
+  if (auto v = a.optional(skip_if_nonzero, "skip_if_nonzero")) c.skip_if_nonzero = *v;
+  return c;
+}
+
+}  // namespace
+
+void bind_kernels(py::module_& m) {
+  m.def(
+      "adam_step",
+      [](py::handle param, py::handle grad, py::handle exp_avg, py::handle exp_avg_sq, py::handle param_copy,
+         double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode,
+         bool bias_correction, std::int64_t step, double inv_scale, double clip_coef, py::handle grad_multiplier,
+         py::handle skip_if_nonzero, py::handle stream) {
+        Args a("zerofuse.adam_step");
+        const TensorView p = a.tensor(param, "param", true), g = a.tensor(grad, "grad"),
+                         m1 = a.tensor(exp_avg, "exp_avg", true), m2 = a.tensor(exp_avg_sq, "exp_avg_sq", true);
+        const auto copy = a.optional(param_copy, "param_copy", true);
+        const AdamConfig c = adam_config(a, lr, beta1, beta2, eps, weight_decay, adam_w_mode, bias_correction, step,
+                                         inv_scale, clip_coef, grad_multiplier, skip_if_nonzero);
+        const Stream s = a.stream(stream, p.device);
+        py::gil_scoped_release nogil;
+        adam_step(p, g, m1, m2, ptr(copy), c, s);
+      },
+      arg("param"), arg("grad"), arg("exp_avg"), arg("exp_avg_sq"), arg("param_copy") = py::none(), py::kw_only(),
+      arg("lr"), arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("adam_w_mode"),
+      arg("bias_correction"), arg("step"), arg("inv_scale") = 1.0, arg("clip_coef") = 1.0,
+      arg("grad_multiplier") = py::none(), arg("skip_if_nonzero") = py::none(), arg("stream") = py::none(),
+      "Fused Adam/AdamW update of one flat float32 buffer (see zerofuse/adam.h).");
+
+  m.def(
+      "adam_step_multi",
+      [](py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs, py::handle param_copies,
+         double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode,
+         bool bias_correction, std::int64_t step, double inv_scale, double clip_coef, py::handle grad_multiplier,
+         py::handle skip_if_nonzero, py::handle stream) {
+        Args a("zerofuse.adam_step_multi");
+        AdamTensorLists t;
+        t.params = a.list(params, "params", true);
+        t.grads = a.list(grads, "grads");
+        t.exp_avgs = a.list(exp_avgs, "exp_avgs", true);
+        t.exp_avg_sqs = a.list(exp_avg_sqs, "exp_avg_sqs", true);
+        if (!param_copies.is_none()) t.param_copies = a.list(param_copies, "param_copies", true);
+        const AdamConfig c = adam_config(a, lr, beta1, beta2, eps, weight_decay, adam_w_mode, bias_correction, step,
+                                         inv_scale, clip_coef, grad_multiplier, skip_if_nonzero);
+        const Stream s = a.stream(stream, t.params.empty() ? Device::cpu() : t.params[0].device);
+        py::gil_scoped_release nogil;
+        adam_step_multi(t, c, s);
+      },
+      arg("params"), arg("grads"), arg("exp_avgs"), arg("exp_avg_sqs"), arg("param_copies") = py::none(),
+      py::kw_only(), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("adam_w_mode"),
+      arg("bias_correction"), arg("step"), arg("inv_scale") = 1.0, arg("clip_coef") = 1.0,
+      arg("grad_multiplier") = py::none(), arg("skip_if_nonzero") = py::none(), arg("stream") = py::none(),
+      "Fused Adam/AdamW update of lists of tensors (see zerofuse/adam.h).");
+
+  m.def(
+      "grad_stats",
+      [](py::handle grads, py::handle out, py::handle stream) {
+        Args a("zerofuse.grad_stats");
+        const std::vector<TensorView> g = a.list(grads, "grads");
+        const TensorView o = a.tensor(out, "out", true);
+        const Stream s = a.stream(stream, o.device);
+        py::gil_scoped_release nogil;
+        grad_stats(g, o, s);
+      },
+      arg("grads"), arg("out"), arg("stream") = py::none(),
+      "out[0] = sum of squares of all grads, out[1] = 1 if any is inf/NaN (see zerofuse/grad_stats.h).");
+
+  m.def(
+      "layer_norm_forward",
+      [](py::handle x, py::handle weight, py::handle bias, float eps, py::handle out, py::handle mean,
+         py::handle rstd, py::handle stream) {
+        Args a("zerofuse.layer_norm");
+        const TensorView xv = a.tensor(x, "input");
+        const auto w = a.optional(weight, "weight"), b = a.optional(bias, "bias");
+        const TensorView y = a.tensor(out, "out", true), mu = a.tensor(mean, "mean", true),
+                         rs = a.tensor(rstd, "rstd", true);
+        const Stream s = a.stream(stream, xv.device);
+        py::gil_scoped_release nogil;
+        layernorm_forward(xv, ptr(w), ptr(b), eps, y, mu, rs, s);
+      },
+      arg("input"), arg("weight"), arg("bias"), arg("eps"), arg("out"), arg("mean"), arg("rstd"),
+      arg("stream") = py::none(), "LayerNorm forward of a [rows, D] input (see zerofuse/layernorm.h).");
+
+  m.def(
+      "layer_norm_backward",
+      [](py::handle grad_out, py::handle x, py::handle weight, py::handle mean, py::handle rstd,
+         py::handle grad_input, py::handle grad_weight, py::handle grad_bias, py::handle stream) {
+        Args a("zerofuse.layer_norm_backward");
+        const TensorView dy = a.tensor(grad_out, "grad_out"), xv = a.tensor(x, "input");
+        const auto w = a.optional(weight, "weight");
+        const TensorView mu = a.tensor(mean, "mean"), rs = a.tensor(rstd, "rstd");
+        const TensorView dx = a.tensor(grad_input, "grad_input", true);
+        const auto dw = a.optional(grad_weight, "grad_weight", true), db = a.optional(grad_bias, "grad_bias", true);
+        const Stream s = a.stream(stream, xv.device);
+        py::gil_scoped_release nogil;
+        layernorm_backward(dy, xv, ptr(w), mu, rs, dx, ptr(dw), ptr(db), s);
+      },
+      arg("grad_out"), arg("input"), arg("weight"), arg("mean"), arg("rstd"), arg("grad_input"),
+      arg("grad_weight"), arg("grad_bias"), arg("stream") = py::none(),
+      "LayerNorm backward (see zerofuse/layernorm.h).");
+
+  m.def(
+      "attention_forward",
+      [](py::handle q, py::handle k, py::handle v, py::handle key_padding_mask, bool causal, float scale,
+         py::handle out, py::handle lse, py::handle stream) {
+        Args a("zerofuse.attention");
+        const TensorView qv = a.tensor(q, "q"), kv = a.tensor(k, "k"), vv = a.tensor(v, "v");
+        const auto mask = a.optional(key_padding_mask, "key_padding_mask");
+        const TensorView o = a.tensor(out, "out", true), l = a.tensor(lse, "lse", true);
+        const Stream s = a.stream(stream, qv.device);
+        py::gil_scoped_release nogil;
+        attention_forward(qv, kv, vv, ptr(mask), AttentionConfig{causal, scale}, o, l, s);
+      },
+      arg("q"), arg("k"), arg("v"), arg("key_padding_mask"), arg("causal"), arg("scale"), arg("out"), arg("lse"),
+      arg("stream") = py::none(), "Blocked softmax attention forward (see zerofuse/attention.h).");
+
+  m.def(
+      "attention_backward",
+      [](py::handle grad_out, py::handle q, py::handle k, py::handle v, py::handle out, py::handle lse,
+         py::handle key_padding_mask, bool causal, float scale, py::handle grad_q, py::handle grad_k,
+         py::handle grad_v, py::handle stream) {
+        Args a("zerofuse.attention_backward");
+        const TensorView dout = a.tensor(grad_out, "grad_out"), qv = a.tensor(q, "q"), kv = a.tensor(k, "k"),
+                         vv = a.tensor(v, "v"), o = a.tensor(out, "out"), l = a.tensor(lse, "lse");
+        const auto mask = a.optional(key_padding_mask, "key_padding_mask");
+        const TensorView dq = a.tensor(grad_q, "grad_q", true), dk = a.tensor(grad_k, "grad_k", true),
+                         dv = a.tensor(grad_v, "grad_v", true);
+        const Stream s = a.stream(stream, qv.device);
+        py::gil_scoped_release nogil;
+        attention_backward(dout, qv, kv, vv, o, l, ptr(mask), AttentionConfig{causal, scale}, dq, dk, dv, s);
+      },
+      arg("grad_out"), arg("q"), arg("k"), arg("v"), arg("out"), arg("lse"), arg("key_padding_mask"),
+      arg("causal"), arg("scale"), arg("grad_q"), arg("grad_k"), arg("grad_v"), arg("stream") = py::none(),
+      "Blocked softmax attention backward (see zerofuse/attention.h).");
+}
+
+}  // namespace zerofuse::python

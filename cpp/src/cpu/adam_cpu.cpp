@@ -1,0 +1,129 @@
+// CPU Adam/AdamW: one pass over every element, threads over contiguous ranges of
+// the concatenated tensors (so 148 small tensors balance as well as one flat one).
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/convert.h"
+#include "cpu/kernels.h"
+#include "parallel.h"
+
+namespace zerofuse::cpu::ZF_CPU_ISA {
+namespace {
+
+struct NoCopy {};
+
+// Per-call constants, computed once in double and rounded to float.
+struct AdamCoefficients {
+  float grad_multiplier;     // inv_scale * clip_coef * optional device multiplier
+  float beta1, one_minus_beta1, beta2, one_minus_beta2;
+  float eps;
+  float l2;                  // Adam: weight_decay; AdamW: 0
+  float decay;               // AdamW: 1 - lr * weight_decay; Adam: 1
+  float step_size;           // lr / (1 - beta1^step)
+  float bias_correction2_sqrt;
+};
+
+AdamCoefficients coefficients(const AdamConfig& c) {
+  AdamCoefficients k;
+  double multiplier = c.inv_scale * c.clip_coef;
+  if (c.grad_multiplier.data != nullptr) multiplier *= *static_cast<const float*>(c.grad_multiplier.data);
+  k.grad_multiplier = float(multiplier);
+  k.beta1 = float(c.beta1);
+  k.one_minus_beta1 = float(1.0 - c.beta1);
+  k.beta2 = float(c.beta2);
+  k.one_minus_beta2 = float(1.0 - c.beta2);
+  k.eps = float(c.eps);
+  k.l2 = c.adam_w_mode ? 0.0f : float(c.weight_decay);
+  k.decay = c.adam_w_mode ? float(1.0 - c.lr * c.weight_decay) : 1.0f;
+  const double bc1 = c.bias_correction ? 1.0 - std::pow(c.beta1, double(c.step)) : 1.0;
+  const double bc2 = c.bias_correction ? 1.0 - std::pow(c.beta2, double(c.step)) : 1.0;
+  k.step_size = float(c.lr / bc1);
+  k.bias_correction2_sqrt = float(std::sqrt(bc2));
+  return k;
+}
+
+template <typename P, typename G, typename S, typename C>
+void adam_range(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
+                S* __restrict exp_avg_sq, C* __restrict copy, std::int64_t n,
+                const AdamCoefficients& k) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    float g = to_float(grad[i]) * k.grad_multiplier;
+    float p = to_float(param[i]);
+    g += k.l2 * p;
+    const float m = k.beta1 * to_float(exp_avg[i]) + k.one_minus_beta1 * g;
+    const float v = k.beta2 * to_float(exp_avg_sq[i]) + k.one_minus_beta2 * g * g;
+    p *= k.decay;
+    const float denom = std::sqrt(v) / k.bias_correction2_sqrt + k.eps;
+    p -= k.step_size * (m / denom);
+    exp_avg[i] = from_float<S>(m);
+    exp_avg_sq[i] = from_float<S>(v);
+    param[i] = from_float<P>(p);
+    if constexpr (!std::is_same_v<C, NoCopy>) copy[i] = from_float<C>(p);
+  }
+}
+
+template <typename P, typename G, typename S, typename C>
+void run_typed(const AdamTensorLists& t, const AdamCoefficients& k) {
+  const std::size_t count = t.params.size();
+  std::vector<std::int64_t> starts(count + 1, 0);  // prefix sums of numel
+  for (std::size_t i = 0; i < count; ++i) starts[i + 1] = starts[i] + t.params[i].numel();
+
+  // Elements [begin, end) of the concatenation, tensor by tensor.
+  auto range = [&](std::int64_t begin, std::int64_t end, int) {
+    std::size_t i = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (; i < count && starts[i] < end; ++i) {
+      const std::int64_t lo = std::max(begin, starts[i]) - starts[i];
+      const std::int64_t hi = std::min(end, starts[i + 1]) - starts[i];
+      if (hi <= lo) continue;
+      C* copy = nullptr;  // C is NoCopy exactly when there are no copies
+      if constexpr (!std::is_same_v<C, NoCopy>) copy = t.param_copies[i].data_as<C>() + lo;
+      adam_range<P, G, S, C>(t.params[i].data_as<P>() + lo, t.grads[i].data_as<const G>() + lo,
+                             t.exp_avgs[i].data_as<S>() + lo, t.exp_avg_sqs[i].data_as<S>() + lo,
+                             copy, hi - lo, k);
+    }
+  };
+  detail::parallel_for(starts[count], 1 << 15, range);
+}
+
+}  // namespace
+
+void adam_step_multi(const AdamTensorLists& t, const AdamConfig& config) {
+  if (t.params.empty()) return;
+  if (config.skip_if_nonzero.data != nullptr &&
+      *static_cast<const float*>(config.skip_if_nonzero.data) != 0.0f)
+    return;
+  const AdamCoefficients k = coefficients(config);
+  const DType param_dtype = t.params[0].dtype;
+  const DType grad_dtype = t.grads[0].dtype;
+  const DType state_dtype = t.exp_avgs[0].dtype;
+
+  if (param_dtype == DType::Float32) {
+    // float32 master params: grads of any float dtype, optional low-precision copy.
+    dispatch_float(grad_dtype, [&](auto g) {
+      using G = decltype(g);
+      if (t.param_copies.empty()) {
+        run_typed<float, G, float, NoCopy>(t, k);
+      } else {
+        dispatch_float(t.param_copies[0].dtype, [&](auto c) {
+          using C = decltype(c);
+          if constexpr (!std::is_same_v<C, float>) run_typed<float, G, float, C>(t, k);
+        });
+      }
+    });
+    return;
+  }
+  // Low-precision params: grads of the param dtype, states of that dtype or float32.
+  dispatch_float(param_dtype, [&](auto p) {
+    using P = decltype(p);
+    if constexpr (!std::is_same_v<P, float>) {
+      if (state_dtype == DType::Float32)
+        run_typed<P, P, float, NoCopy>(t, k);
+      else
+        run_typed<P, P, P, NoCopy>(t, k);
+    }
+  });
+}
+
+}  // namespace zerofuse::cpu::ZF_CPU_ISA

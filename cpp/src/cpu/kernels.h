@@ -1,0 +1,53 @@
+// The CPU kernels, declared once per instruction-set variant. Each kernel
+// source is compiled once per variant (cmake/cpu_kernels.cmake) with ZF_CPU_ISA
+// naming the namespace it defines; cpu_dispatch.cpp picks the variant this
+// processor runs. Arguments are validated before any of these is called.
+#pragma once
+
+#include <vector>
+
+#include "zerofuse/adam.h"
+#include "zerofuse/attention.h"
+#include "zerofuse/tensor.h"
+
+#define ZEROFUSE_DECLARE_CPU_KERNELS(isa)                                                         \
+  namespace isa {                                                                                 \
+  void adam_step_multi(const AdamTensorLists& tensors, const AdamConfig& config);                 \
+  void grad_stats(const std::vector<TensorView>& grads, float* out);                              \
+  void layernorm_forward(const TensorView& x, const TensorView* weight, const TensorView* bias,   \
+                         float eps, const TensorView& y, const TensorView& mean,                  \
+                         const TensorView& rstd);                                                 \
+  void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorView* weight,    \
+                          const TensorView& mean, const TensorView& rstd, const TensorView& dx,   \
+                          const TensorView* dweight, const TensorView* dbias);                    \
+  void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,           \
+                         const TensorView* mask, const AttentionConfig& config,                   \
+                         const TensorView& out, const TensorView& lse);                           \
+  void attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k,       \
+                          const TensorView& v, const TensorView& out, const TensorView& lse,      \
+                          const TensorView* mask, const AttentionConfig& config,                  \
+                          const TensorView& dq, const TensorView& dk, const TensorView& dv);      \
+  }
+
+namespace zerofuse::cpu {
+
+ZEROFUSE_DECLARE_CPU_KERNELS(baseline)
+#if defined(__x86_64__) || defined(_M_X64)
+ZEROFUSE_DECLARE_CPU_KERNELS(avx2)
+#endif
+
+// The kernels of the variant chosen for this processor.
+struct Kernels {
+  const char* isa;
+  decltype(&baseline::adam_step_multi) adam_step_multi;
+  decltype(&baseline::grad_stats) grad_stats;
+  decltype(&baseline::layernorm_forward) layernorm_forward;
+  decltype(&baseline::layernorm_backward) layernorm_backward;
+  decltype(&baseline::attention_forward) attention_forward;
+  decltype(&baseline::attention_backward) attention_backward;
+};
+
+const Kernels& kernels();
+std::vector<const char*> compiled_isas();
+
+}  // namespace zerofuse::cpu

@@ -1,0 +1,178 @@
+// CPU LayerNorm. Threads take contiguous blocks of rows. Statistics are
+// two-pass (mean, then the sum of squared deviations) in float32 (float64 for
+// float64 data), exact enough for any hidden size that fits in cache. The
+// backward keeps per-thread dweight/dbias partials for a few rows at a time and
+// folds them into double, so long columns do not lose precision.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu/convert.h"
+#include "cpu/kernels.h"
+#include "parallel.h"
+
+namespace zerofuse::cpu::ZF_CPU_ISA {
+namespace {
+
+constexpr std::int64_t kRowsPerFold = 32;
+
+template <typename T, typename A = compute_t<T>>
+void row_stats(const T* __restrict x, std::int64_t d, A eps, A& mean, A& rstd) {
+  A sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (std::int64_t j = 0; j < d; ++j) sum += to_float(x[j]);
+  const A mu = sum / A(d);
+  A sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (std::int64_t j = 0; j < d; ++j) {
+    const A c = to_float(x[j]) - mu;
+    sq += c * c;
+  }
+  mean = mu;
+  rstd = A(1) / std::sqrt(sq / A(d) + eps);
+}
+
+// The affine parameters as A, one copy per thread range, so the row loops see
+// a single element type (weight 1 and bias 0 when absent).
+template <typename W, typename A>
+std::vector<A> as_compute(const W* p, std::int64_t d, A absent) {
+  std::vector<A> out(std::size_t(d), absent);
+  if (p)
+    for (std::int64_t j = 0; j < d; ++j) out[std::size_t(j)] = to_float(p[j]);
+  return out;
+}
+
+template <typename T, typename W>
+void forward_typed(const TensorView& xv, const TensorView* wv, const TensorView* bv, float eps,
+                   const TensorView& yv, const TensorView& meanv, const TensorView& rstdv) {
+  using A = compute_t<T>;
+  const std::int64_t rows = xv.shape[0], d = xv.shape[1];
+  const T* x = xv.data_as<const T>();
+  T* y = yv.data_as<T>();
+  const W* w = wv ? wv->data_as<const W>() : nullptr;
+  const W* b = bv ? bv->data_as<const W>() : nullptr;
+  A* mean_out = meanv.data_as<A>();  // statistics are float32, float64 for float64 data
+  A* rstd_out = rstdv.data_as<A>();
+
+  detail::parallel_for(rows, std::max<std::int64_t>(1, 4096 / d), [&](std::int64_t r0, std::int64_t r1, int) {
+    const std::vector<A> wf = as_compute(w, d, A(1)), bf = as_compute(b, d, A(0));
+    const A* __restrict wp = wf.data();
+    const A* __restrict bp = bf.data();
+    for (std::int64_t r = r0; r < r1; ++r) {
+      const T* __restrict xr = x + r * d;
+      T* __restrict yr = y + r * d;
+      A mu, rs;
+      row_stats(xr, d, A(eps), mu, rs);
+      mean_out[r] = mu;
+      rstd_out[r] = rs;
+      for (std::int64_t j = 0; j < d; ++j) yr[j] = store_as<T>((to_float(xr[j]) - mu) * rs * wp[j] + bp[j]);
+    }
+  });
+}
+
+template <typename T, typename W>
+void backward_typed(const TensorView& dyv, const TensorView& xv, const TensorView* wv,
+                    const TensorView& meanv, const TensorView& rstdv, const TensorView& dxv,
+                    const TensorView* dwv, const TensorView* dbv) {
+  using A = compute_t<T>;
+  const std::int64_t rows = xv.shape[0], d = xv.shape[1];
+  const T* x = xv.data_as<const T>();
+  const T* dy = dyv.data_as<const T>();
+  T* dx = dxv.data_as<T>();
+  const W* w = wv ? wv->data_as<const W>() : nullptr;
+  const A* mean = meanv.data_as<const A>();
+  const A* rstd = rstdv.data_as<const A>();
+  const bool want_dw = dwv != nullptr, want_db = dbv != nullptr;
+
+  const std::int64_t min_rows = std::max<std::int64_t>(kRowsPerFold, 4096 / d);
+  const int ranges = detail::parallel_ranges(rows, min_rows);
+  // Per-range column sums of dy * xhat and dy, in double.
+  std::vector<double> dw_sums(want_dw ? std::size_t(ranges * d) : 0, 0.0);
+  std::vector<double> db_sums(want_db ? std::size_t(ranges * d) : 0, 0.0);
+
+  detail::parallel_for(rows, min_rows, [&](std::int64_t r0, std::int64_t r1, int range) {
+    const std::vector<A> wf = as_compute(w, d, A(1));
+    std::vector<A> dw_part(std::size_t(d), A(0)), db_part(std::size_t(d), A(0));
+    const A* __restrict wp = wf.data();
+    A* __restrict dwp = dw_part.data();
+    A* __restrict dbp = db_part.data();
+    auto fold = [&] {
+      for (std::int64_t j = 0; want_dw && j < d; ++j) {
+        dw_sums[std::size_t(range * d + j)] += dwp[j];
+        dwp[j] = A(0);
+      }
+      for (std::int64_t j = 0; want_db && j < d; ++j) {
+        db_sums[std::size_t(range * d + j)] += dbp[j];
+        dbp[j] = A(0);
+      }
+    };
+    for (std::int64_t r = r0; r < r1; ++r) {
+      const T* __restrict xr = x + r * d;
+      const T* __restrict dyr = dy + r * d;
+      T* __restrict dxr = dx + r * d;
+      const A mu = mean[r], rs = rstd[r];
+      // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * weight
+      A sum_g = 0, sum_gx = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+      for (std::int64_t j = 0; j < d; ++j) {
+        const A g = to_float(dyr[j]) * wp[j];
+        const A xhat = (to_float(xr[j]) - mu) * rs;
+        sum_g += g;
+        sum_gx += g * xhat;
+      }
+      const A mean_g = sum_g / A(d), mean_gx = sum_gx / A(d);
+      for (std::int64_t j = 0; j < d; ++j) {
+        const A dyj = to_float(dyr[j]);
+        const A xhat = (to_float(xr[j]) - mu) * rs;
+        dxr[j] = store_as<T>(rs * (dyj * wp[j] - mean_g - xhat * mean_gx));
+        dwp[j] += dyj * xhat;
+        dbp[j] += dyj;
+      }
+      if ((r - r0 + 1) % kRowsPerFold == 0) fold();
+    }
+    fold();
+  });
+
+  // Ranges are added in order: the result depends only on the thread count.
+  // With no rows there are no ranges and both sums are (correctly) zero.
+  auto finish = [&](const std::vector<double>& sums, const TensorView& outv) {
+    W* out = outv.data_as<W>();
+    for (std::int64_t j = 0; j < d; ++j) {
+      double total = 0.0;
+      for (int r = 0; r < ranges; ++r) total += sums[std::size_t(r * d + j)];
+      out[j] = store_as<W>(total);
+    }
+  };
+  if (want_dw) finish(dw_sums, *dwv);
+  if (want_db) finish(db_sums, *dbv);
+}
+
+// The affine parameters' dtype: that of the first present, else (unused) float.
+DType param_dtype(const TensorView* a, const TensorView* b) {
+  if (a) return a->dtype;
+  if (b) return b->dtype;
+  return DType::Float32;
+}
+
+}  // namespace
+
+void layernorm_forward(const TensorView& x, const TensorView* weight, const TensorView* bias, float eps,
+                       const TensorView& y, const TensorView& mean, const TensorView& rstd) {
+  dispatch_float_or_double(x.dtype, [&](auto xt) {
+    dispatch_float_or_double(param_dtype(weight, bias), [&](auto wt) {
+      forward_typed<decltype(xt), decltype(wt)>(x, weight, bias, eps, y, mean, rstd);
+    });
+  });
+}
+
+void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorView* weight,
+                        const TensorView& mean, const TensorView& rstd, const TensorView& dx,
+                        const TensorView* dweight, const TensorView* dbias) {
+  dispatch_float_or_double(x.dtype, [&](auto xt) {
+    dispatch_float_or_double(param_dtype(dweight ? dweight : weight, dbias), [&](auto wt) {
+      backward_typed<decltype(xt), decltype(wt)>(dy, x, weight, mean, rstd, dx, dweight, dbias);
+    });
+  });
+}
+
+}  // namespace zerofuse::cpu::ZF_CPU_ISA

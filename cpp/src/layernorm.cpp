@@ -1,0 +1,104 @@
+#include "zerofuse/layernorm.h"
+
+#include <cmath>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+
+namespace zerofuse {
+namespace {
+
+using namespace detail;
+
+// x is [rows, D]; an affine parameter is [D], of x's dtype or float32.
+// float64 runs on the CPU only (for gradcheck and reference work).
+void check_input(const TensorView& x, const char* op, const char* name) {
+  if (x.device.is_cpu())
+    check_dtype(x, op, name, {DType::Float32, DType::Float16, DType::BFloat16, DType::Float64});
+  else
+    check_dtype(x, op, name, {DType::Float32, DType::Float16, DType::BFloat16});
+  check_ndim(x, op, name, 2);
+  check_contiguous(x, op, name);
+  check_present(x, op, name);
+  check_device_supported(x, op, name);
+  if (x.shape[1] < 1) value_error(op, ": argument '", name, "' must have a last dimension >= 1, got ", describe(x));
+}
+
+void check_affine(const TensorView* p, const TensorView& x, const char* op, const char* name) {
+  if (p == nullptr) return;
+  check_dtype(*p, op, name, {x.dtype, DType::Float32});
+  check_shape(*p, op, name, {x.shape[1]});
+  check_contiguous(*p, op, name);
+  check_same_device(*p, op, name, x, "input");
+  check_present(*p, op, name);
+}
+
+// mean and rstd: float32, or float64 for float64 input.
+void check_stats(const TensorView& s, const TensorView& x, const char* op, const char* name) {
+  check_dtype(s, op, name, {x.dtype == DType::Float64 ? DType::Float64 : DType::Float32});
+  check_shape(s, op, name, {x.shape[0]});
+  check_contiguous(s, op, name);
+  check_same_device(s, op, name, x, "input");
+  check_present(s, op, name);
+}
+
+void check_like(const TensorView& t, const TensorView& x, const char* op, const char* name) {
+  check_dtype(t, op, name, {x.dtype});
+  check_same_shape(t, op, name, x, "input");
+  check_contiguous(t, op, name);
+  check_same_device(t, op, name, x, "input");
+  check_present(t, op, name);
+}
+
+void check_same_param_dtype(const TensorView* a, const char* a_name, const TensorView* b,
+                            const char* b_name, const char* op) {
+  if (a && b && a->dtype != b->dtype)
+    type_error(op, ": '", a_name, "' and '", b_name, "' must have the same dtype, got ", describe(*a),
+               " and ", describe(*b));
+}
+
+}  // namespace
+
+void layernorm_forward(const TensorView& x, const TensorView* weight, const TensorView* bias, float eps,
+                       const TensorView& y, const TensorView& mean, const TensorView& rstd, Stream) {
+  const char* op = "zerofuse.layer_norm";
+  check_input(x, op, "input");
+  check_affine(weight, x, op, "weight");
+  check_affine(bias, x, op, "bias");
+  check_same_param_dtype(weight, "weight", bias, "bias", op);
+  if (!(eps >= 0.0f && std::isfinite(eps))) value_error(op, ": 'eps' must be a finite number >= 0, got ", eps);
+  check_like(y, x, op, "out");
+  check_stats(mean, x, op, "mean");
+  check_stats(rstd, x, op, "rstd");
+  if (x.device.is_cpu()) {
+    cpu::kernels().layernorm_forward(x, weight, bias, eps, y, mean, rstd);
+    return;
+  }
+  no_cuda_kernel(op);
+}
+
+void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorView* weight,
+                        const TensorView& mean, const TensorView& rstd, const TensorView& dx,
+                        const TensorView* dweight, const TensorView* dbias, Stream) {
+  const char* op = "zerofuse.layer_norm_backward";
+  check_input(x, op, "input");
+  check_like(dy, x, op, "grad_out");
+  check_affine(weight, x, op, "weight");
+  check_stats(mean, x, op, "mean");
+  check_stats(rstd, x, op, "rstd");
+  check_like(dx, x, op, "grad_input");
+  if (dweight != nullptr && weight == nullptr)
+    value_error(op, ": 'grad_weight' was asked for but there is no 'weight'");
+  check_affine(dweight, x, op, "grad_weight");
+  check_affine(dbias, x, op, "grad_bias");
+  check_same_param_dtype(weight, "weight", dweight, "grad_weight", op);
+  check_same_param_dtype(weight, "weight", dbias, "grad_bias", op);
+  check_same_param_dtype(dweight, "grad_weight", dbias, "grad_bias", op);
+  if (x.device.is_cpu()) {
+    cpu::kernels().layernorm_backward(dy, x, weight, mean, rstd, dx, dweight, dbias);
+    return;
+  }
+  no_cuda_kernel(op);
+}
+
+}  // namespace zerofuse

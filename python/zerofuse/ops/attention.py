@@ -1,0 +1,130 @@
+"""zerofuse.ops.attention: softmax(Q K^T * scale + mask) V without the
+[seq_q, seq_k] matrix, the same result as
+torch.nn.functional.scaled_dot_product_attention with the equivalent mask."""
+from typing import Optional
+
+import torch
+
+from .. import _C
+from ._library import define, stream_of
+
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(q, k, v, key_padding_mask, op="zerofuse.ops.attention"):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: '{name}' must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: '{name}' must be [batch, heads, seq, head_dim], got shape {list(t.shape)}")
+    if q.dtype not in _FLOAT_TYPES and not (q.dtype == torch.float64 and q.device.type != "cuda"):
+        raise TypeError(f"{op}: 'q' must be float32, float16 or bfloat16 (or float64 on the CPU), got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: 'q', 'k' and 'v' must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    b, h, _, d = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(
+            f"{op}: 'k' must be [batch, heads, seq_k, head_dim] with the batch, heads and head_dim of 'q' "
+            f"{list(q.shape)}, got {list(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"{op}: 'v' must have the shape of 'k' {list(k.shape)}, got {list(v.shape)}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"{op}: 'key_padding_mask' must be a bool tensor, got {getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+        if tuple(key_padding_mask.shape) != (b, k.shape[2]):
+            raise ValueError(
+                f"{op}: 'key_padding_mask' must have shape [batch, seq_k] = {[b, k.shape[2]]}, "
+                f"got {list(key_padding_mask.shape)}"
+            )
+
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _dense_last_dim(t):
+    # The kernels take any strides but the last; only then is a copy needed.
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _forward_impl(q, k, v, key_padding_mask, causal, scale):
+    _check(q, k, v, key_padding_mask)
+    q, k, v = _dense_last_dim(q), _dense_last_dim(k), _dense_last_dim(v)
+    out = torch.empty_like(q)  # keeps q's layout: [B, S, H, D] storage stays so
+    lse = torch.empty(q.shape[:3], dtype=_lse_dtype(q), device=q.device)
+    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    _C.attention_forward(q, k, v, mask, causal, scale, out, lse, stream_of(q))
+    return out, lse
+
+
+def _forward_fake(q, k, v, key_padding_mask, causal, scale):
+    _check(q, k, v, key_padding_mask)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+def _backward_impl(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale):
+    grad_out = _dense_last_dim(grad_out)
+    q, k, v = _dense_last_dim(q), _dense_last_dim(k), _dense_last_dim(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    _C.attention_backward(grad_out, q, k, v, out, lse, mask, causal, scale, dq, dk, dv, stream_of(q))
+    return dq, dk, dv
+
+
+def _backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+attention_backward_op = define(
+    "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+    "Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+    _backward_impl,
+    _backward_fake,
+)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, scale = inputs
+    out, lse = output
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(grad_out, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None)
+
+
+attention_op = define(
+    "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale) "
+    "-> (Tensor, Tensor)",
+    _forward_impl,
+    _forward_fake,
+    _backward,
+    _setup_context,
+)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for q [batch, heads, seq_q, head_dim] and
+    k, v [batch, heads, seq_k, head_dim].
+
+    causal: query i sees keys j <= i (top-left aligned, as SDPA's is_causal).
+    key_padding_mask: bool [batch, seq_k], True where a key may be attended.
+    scale: defaults to head_dim ** -0.5.
+    A query that sees no key gets zeros (SDPA gives NaN there).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return attention_op(q, k, v, key_padding_mask, bool(causal), float(scale))[0]
