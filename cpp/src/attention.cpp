@@ -4,6 +4,7 @@
 
 #include "checks.h"
 #include "cpu/kernels.h"
+#include "memory_hint.h"
 
 namespace zerofuse {
 namespace {
@@ -75,6 +76,7 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   check_like(out, q, "q", op, "out");
   check_lse(lse, q, op);
   if (q.device.is_cpu()) {
+    prefer_huge_pages(out.data, std::size_t(out.numel()) * out.element_size());
     cpu::kernels().attention_forward(q, k, v, key_padding_mask, config, out, lse);
     return;
   }
@@ -94,6 +96,7 @@ void attention_backward(const TensorView& dout, const TensorView& q, const Tenso
   check_like(dk, k, "k", op, "grad_k");
   check_like(dv, v, "v", op, "grad_v");
   if (q.device.is_cpu()) {
+    for (const TensorView* g : {&dq, &dk, &dv}) prefer_huge_pages(g->data, std::size_t(g->numel()) * g->element_size());
     cpu::kernels().attention_backward(dout, q, k, v, out, lse, key_padding_mask, config, dq, dk, dv);
     return;
   }

@@ -4,39 +4,45 @@
 
 #include "checks.h"
 #include "cpu/kernels.h"
+#include "memory_hint.h"
 
 namespace zerofuse {
 namespace {
 
 using namespace detail;
 
-// x is [rows, D]; an affine parameter is [D], of x's dtype or float32.
-// float64 runs on the CPU only (for gradcheck and reference work).
+// x is [..., D] (rows = all leading dimensions); an affine parameter is [D], of
+// x's dtype or float32. float64 runs on the CPU only (for gradcheck and
+// reference work).
+std::int64_t width(const TensorView& x) { return x.shape[x.ndim - 1]; }
+
 void check_input(const TensorView& x, const char* op, const char* name) {
   if (x.device.is_cpu())
     check_dtype(x, op, name, {DType::Float32, DType::Float16, DType::BFloat16, DType::Float64});
   else
     check_dtype(x, op, name, {DType::Float32, DType::Float16, DType::BFloat16});
-  check_ndim(x, op, name, 2);
+  if (x.ndim < 1) value_error(op, ": argument '", name, "' must have at least one dimension, got ", describe(x));
   check_contiguous(x, op, name);
   check_present(x, op, name);
   check_device_supported(x, op, name);
-  if (x.shape[1] < 1) value_error(op, ": argument '", name, "' must have a last dimension >= 1, got ", describe(x));
+  if (width(x) < 1) value_error(op, ": argument '", name, "' must have a last dimension >= 1, got ", describe(x));
 }
 
 void check_affine(const TensorView* p, const TensorView& x, const char* op, const char* name) {
   if (p == nullptr) return;
   check_dtype(*p, op, name, {x.dtype, DType::Float32});
-  check_shape(*p, op, name, {x.shape[1]});
+  check_shape(*p, op, name, {width(x)});
   check_contiguous(*p, op, name);
   check_same_device(*p, op, name, x, "input");
   check_present(*p, op, name);
 }
 
-// mean and rstd: float32, or float64 for float64 input.
+// mean and rstd: one per row (any shape), float32, or float64 for float64 input.
 void check_stats(const TensorView& s, const TensorView& x, const char* op, const char* name) {
   check_dtype(s, op, name, {x.dtype == DType::Float64 ? DType::Float64 : DType::Float32});
-  check_shape(s, op, name, {x.shape[0]});
+  if (s.numel() != x.numel() / width(x))
+    value_error(op, ": argument '", name, "' must have one element per row of 'input' (", x.numel() / width(x),
+                "), got ", describe(s));
   check_contiguous(s, op, name);
   check_same_device(s, op, name, x, "input");
   check_present(s, op, name);
@@ -71,6 +77,7 @@ void layernorm_forward(const TensorView& x, const TensorView* weight, const Tens
   check_stats(mean, x, op, "mean");
   check_stats(rstd, x, op, "rstd");
   if (x.device.is_cpu()) {
+    prefer_huge_pages(y.data, std::size_t(y.numel()) * y.element_size());
     cpu::kernels().layernorm_forward(x, weight, bias, eps, y, mean, rstd);
     return;
   }
@@ -95,6 +102,7 @@ void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorV
   check_same_param_dtype(weight, "weight", dbias, "grad_bias", op);
   check_same_param_dtype(dweight, "grad_weight", dbias, "grad_bias", op);
   if (x.device.is_cpu()) {
+    prefer_huge_pages(dx.data, std::size_t(dx.numel()) * dx.element_size());
     cpu::kernels().layernorm_backward(dy, x, weight, mean, rstd, dx, dweight, dbias);
     return;
   }

@@ -1,8 +1,9 @@
-// LayerNorm over the last dimension of a [rows, D] input:
+// LayerNorm over the last dimension of a contiguous [..., D] input (rows = the
+// product of the leading dimensions):
 //   y = (x - mean) * rstd * weight + bias,   rstd = 1 / sqrt(var + eps)
 // x and y are float32/float16/bfloat16 (float64 too on the CPU); weight/bias
 // have x's dtype or float32; mean and rstd are float32 [rows] (float64 for
-// float64 input) and are what the backward needs.
+// float64 input), one per row in any shape, and are what the backward needs.
 #pragma once
 
 #include "zerofuse/stream.h"

@@ -17,7 +17,7 @@ namespace {
 constexpr std::int64_t kRowsPerFold = 32;
 
 template <typename T, typename A = compute_t<T>>
-void row_stats(const T* __restrict x, std::int64_t d, A eps, A& mean, A& rstd) {
+inline __attribute__((always_inline)) void row_stats(const T* __restrict x, std::int64_t d, A eps, A& mean, A& rstd) {
   A sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (std::int64_t j = 0; j < d; ++j) sum += to_float(x[j]);
@@ -46,7 +46,7 @@ template <typename T, typename W>
 void forward_typed(const TensorView& xv, const TensorView* wv, const TensorView* bv, float eps,
                    const TensorView& yv, const TensorView& meanv, const TensorView& rstdv) {
   using A = compute_t<T>;
-  const std::int64_t rows = xv.shape[0], d = xv.shape[1];
+  const std::int64_t d = xv.shape[xv.ndim - 1], rows = xv.numel() / d;
   const T* x = xv.data_as<const T>();
   T* y = yv.data_as<T>();
   const W* w = wv ? wv->data_as<const W>() : nullptr;
@@ -65,6 +65,7 @@ void forward_typed(const TensorView& xv, const TensorView* wv, const TensorView*
       row_stats(xr, d, A(eps), mu, rs);
       mean_out[r] = mu;
       rstd_out[r] = rs;
+#pragma omp simd
       for (std::int64_t j = 0; j < d; ++j) yr[j] = store_as<T>((to_float(xr[j]) - mu) * rs * wp[j] + bp[j]);
     }
   });
@@ -75,7 +76,7 @@ void backward_typed(const TensorView& dyv, const TensorView& xv, const TensorVie
                     const TensorView& meanv, const TensorView& rstdv, const TensorView& dxv,
                     const TensorView* dwv, const TensorView* dbv) {
   using A = compute_t<T>;
-  const std::int64_t rows = xv.shape[0], d = xv.shape[1];
+  const std::int64_t d = xv.shape[xv.ndim - 1], rows = xv.numel() / d;
   const T* x = xv.data_as<const T>();
   const T* dy = dyv.data_as<const T>();
   T* dx = dxv.data_as<T>();
@@ -106,6 +107,10 @@ void backward_typed(const TensorView& dyv, const TensorView& xv, const TensorVie
         dbp[j] = A(0);
       }
     };
+    // One row's dy and xhat as A, computed once and reused by both passes.
+    std::vector<A> dy_row(static_cast<std::size_t>(d)), xhat_row(static_cast<std::size_t>(d));
+    A* __restrict dyv = dy_row.data();
+    A* __restrict xh = xhat_row.data();
     for (std::int64_t r = r0; r < r1; ++r) {
       const T* __restrict xr = x + r * d;
       const T* __restrict dyr = dy + r * d;
@@ -115,18 +120,19 @@ void backward_typed(const TensorView& dyv, const TensorView& xv, const TensorVie
       A sum_g = 0, sum_gx = 0;
 #pragma omp simd reduction(+ : sum_g, sum_gx)
       for (std::int64_t j = 0; j < d; ++j) {
-        const A g = to_float(dyr[j]) * wp[j];
-        const A xhat = (to_float(xr[j]) - mu) * rs;
-        sum_g += g;
-        sum_gx += g * xhat;
-      }
-      const A mean_g = sum_g / A(d), mean_gx = sum_gx / A(d);
-      for (std::int64_t j = 0; j < d; ++j) {
         const A dyj = to_float(dyr[j]);
         const A xhat = (to_float(xr[j]) - mu) * rs;
-        dxr[j] = store_as<T>(rs * (dyj * wp[j] - mean_g - xhat * mean_gx));
-        dwp[j] += dyj * xhat;
-        dbp[j] += dyj;
+        dyv[j] = dyj;
+        xh[j] = xhat;
+        sum_g += dyj * wp[j];
+        sum_gx += dyj * wp[j] * xhat;
+      }
+      const A mean_g = sum_g / A(d), mean_gx = sum_gx / A(d);
+#pragma omp simd
+      for (std::int64_t j = 0; j < d; ++j) {
+        dxr[j] = store_as<T>(rs * (dyv[j] * wp[j] - mean_g - xh[j] * mean_gx));
+        dwp[j] += dyv[j] * xh[j];
+        dbp[j] += dyv[j];
       }
       if ((r - r0 + 1) % kRowsPerFold == 0) fold();
     }

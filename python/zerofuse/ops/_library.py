@@ -1,26 +1,59 @@
 """The `zerofuse` torch.library namespace.
 
 Ops are defined with torch.library.Library define/impl rather than
-torch.library.custom_op: the latter wraps every call in extra Python layers
-that cost more than a small kernel (measured in bench/op_overhead.py).
+torch.library.custom_op, and their autograd kernel is a plain
+torch.autograd.Function rather than torch.library.register_autograd: both
+generic wrappers cost more per call than a small kernel takes
+(bench/op_overhead.py measures it). torch.library.opcheck checks that the
+result is still a complete op: schema, fake kernel, autograd registration.
 """
 import torch
 
 LIBRARY = torch.library.Library("zerofuse", "DEF")
 
 
+def _requires_grad(args):
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
 def define(schema: str, impl, fake, backward=None, setup_context=None):
     """Define zerofuse::<name> from `schema`, run by `impl` on CPU and CUDA
     tensors (the compiled core dispatches by device), shaped by `fake` under
-    torch.compile / meta tensors, and differentiated by `backward`."""
+    torch.compile / meta tensors, and differentiated by `backward(ctx, *grads)`
+    after `setup_context(ctx, inputs, output)` -- the contract of
+    torch.library.register_autograd."""
     name = schema.split("(", 1)[0]
     LIBRARY.define(schema)
     LIBRARY.impl(name, impl, "CPU")
     LIBRARY.impl(name, impl, "CUDA")
     torch.library.register_fake(f"zerofuse::{name}", fake, lib=LIBRARY)
-    if backward is not None:
-        torch.library.register_autograd(f"zerofuse::{name}", backward, setup_context=setup_context, lib=LIBRARY)
-    return getattr(torch.ops.zerofuse, name).default
+    op = getattr(torch.ops.zerofuse, name).default
+    if backward is None:
+        return op
+
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = forward(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Function.__name__ = Function.__qualname__ = f"{name}_autograd"
+
+    def autograd_kernel(*args):
+        # Without inputs that need gradients there is nothing to record.
+        return Function.apply(*args) if _requires_grad(args) else forward(*args)
+
+    LIBRARY.impl(name, autograd_kernel, "Autograd")
+    return op
 
 
 def stream_of(tensor: torch.Tensor):

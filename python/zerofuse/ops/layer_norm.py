@@ -1,6 +1,5 @@
 """zerofuse.ops.layer_norm: LayerNorm over the trailing `normalized_shape`
 dimensions, with the contract of torch.nn.functional.layer_norm."""
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -12,18 +11,17 @@ from ._library import define, stream_of
 def _check(input, normalized_shape, weight, bias, op="zerofuse.ops.layer_norm"):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: 'input' must be a torch.Tensor, got {type(input).__name__}")
-    shape = tuple(normalized_shape)
-    if len(shape) == 0:
-        raise ValueError(f"{op}: 'normalized_shape' must name at least one dimension, got {list(shape)}")
-    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
+    n = len(normalized_shape)
+    if n == 0:
+        raise ValueError(f"{op}: 'normalized_shape' must name at least one dimension, got []")
+    if input.dim() < n or list(input.shape[input.dim() - n:]) != list(normalized_shape):
         raise ValueError(
-            f"{op}: 'normalized_shape' {list(shape)} must match the last dimensions of 'input' "
+            f"{op}: 'normalized_shape' {list(normalized_shape)} must match the last dimensions of 'input' "
             f"{list(input.shape)}"
         )
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and tuple(p.shape) != shape:
-            raise ValueError(f"{op}: '{name}' must have shape {list(shape)}, got {list(p.shape)}")
-    return shape
+        if p is not None and list(p.shape) != list(normalized_shape):
+            raise ValueError(f"{op}: '{name}' must have shape {list(normalized_shape)}, got {list(p.shape)}")
 
 
 def _stats_dtype(input):
@@ -31,63 +29,54 @@ def _stats_dtype(input):
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-def _rows_and_width(input, shape):
-    width = math.prod(shape)
-    return input.numel() // width if width else 0, width
+def _as_rows(t, normalized_shape):
+    """The kernels normalise the last dimension; several normalised dimensions
+    are one flattened last dimension (a view, made only in that case)."""
+    if t is None or len(normalized_shape) == 1:
+        return t
+    return t.reshape(*t.shape[: t.dim() - len(normalized_shape)], -1)
 
 
 def _forward_impl(input, normalized_shape, weight, bias, eps):
-    shape = _check(input, normalized_shape, weight, bias)
-    rows, width = _rows_and_width(input, shape)
-    x = input.contiguous().view(rows, width)
-    out = torch.empty_like(x)
-    mean = torch.empty(rows, dtype=_stats_dtype(input), device=input.device)
-    rstd = torch.empty(rows, dtype=_stats_dtype(input), device=input.device)
-    _C.layer_norm_forward(
-        x,
-        None if weight is None else weight.reshape(width),
-        None if bias is None else bias.reshape(width),
-        eps,
-        out,
-        mean,
-        rstd,
-        stream_of(input),
-    )
-    return out.view(input.shape), mean, rstd
+    _check(input, normalized_shape, weight, bias)
+    x = _as_rows(input.contiguous(), normalized_shape)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    stats_shape = input.shape[: input.dim() - len(normalized_shape)]
+    mean = torch.empty(stats_shape, dtype=_stats_dtype(input), device=input.device)
+    rstd = torch.empty(stats_shape, dtype=_stats_dtype(input), device=input.device)
+    _C.layer_norm_forward(x, _as_rows(weight, normalized_shape), _as_rows(bias, normalized_shape), eps, out,
+                          mean, rstd, stream_of(input))
+    return out.view(input.shape) if len(normalized_shape) > 1 else out, mean, rstd
 
 
 def _forward_fake(input, normalized_shape, weight, bias, eps):
-    shape = _check(input, normalized_shape, weight, bias)
-    rows, _ = _rows_and_width(input, shape)
-    stats = input.new_empty(rows, dtype=_stats_dtype(input))
+    _check(input, normalized_shape, weight, bias)
+    stats = input.new_empty(input.shape[: input.dim() - len(normalized_shape)], dtype=_stats_dtype(input))
     return torch.empty_like(input, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
 def _backward_impl(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask):
-    shape = tuple(normalized_shape)
-    rows, width = _rows_and_width(input, shape)
-    x = input.contiguous().view(rows, width)
-    dy = grad_out.contiguous().view(rows, width)
-    dx = torch.empty_like(x)
+    x = _as_rows(input.contiguous(), normalized_shape)
+    dy = _as_rows(grad_out.contiguous(), normalized_shape)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     want_w = output_mask[1] and weight is not None
     want_b = output_mask[2] and bias is not None
-    dw = torch.empty(width, dtype=weight.dtype, device=input.device) if want_w else None
-    db = torch.empty(width, dtype=bias.dtype, device=input.device) if want_b else None
-    _C.layer_norm_backward(
-        dy, x, None if weight is None else weight.reshape(width), mean, rstd, dx, dw, db, stream_of(input)
-    )
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if want_w else None
+    db = torch.empty_like(bias, memory_format=torch.contiguous_format) if want_b else None
+    _C.layer_norm_backward(dy, x, _as_rows(weight, normalized_shape), mean, rstd, dx,
+                           _as_rows(dw, normalized_shape), _as_rows(db, normalized_shape), stream_of(input))
     empty = input.new_empty(0)
     return (
-        dx.view(input.shape),
-        dw.view(shape) if want_w else empty,
-        db.view(shape) if want_b else empty,
+        dx.view(input.shape) if len(normalized_shape) > 1 else dx,
+        dw if want_w else empty,
+        db if want_b else empty,
     )
 
 
 def _backward_fake(grad_out, input, normalized_shape, weight, bias, mean, rstd, output_mask):
     empty = input.new_empty(0)
-    dw = weight.new_empty(weight.shape) if (output_mask[1] and weight is not None) else empty
-    db = bias.new_empty(bias.shape) if (output_mask[2] and bias is not None) else empty
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if (output_mask[1] and weight is not None) else empty
+    db = torch.empty_like(bias, memory_format=torch.contiguous_format) if (output_mask[2] and bias is not None) else empty
     return torch.empty_like(input, memory_format=torch.contiguous_format), dw, db
 
 
