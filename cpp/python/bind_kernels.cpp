@@ -9,6 +9,7 @@
 #include "zerofuse/attention.h"
 #include "zerofuse/grad_stats.h"
 #include "zerofuse/layernorm.h"
+#include "zerofuse/step_control.h"
 
 namespace zerofuse::python {
 namespace {
@@ -36,9 +37,60 @@ AdamConfig adam_config(Args& a, double lr, double beta1, double beta2, double ep
   return c;
 }
 
+StepControlConfig step_control_config(bool dynamic_loss_scale, int initial_scale_power,
+                                      std::int64_t loss_scale_window, int hysteresis, bool consecutive_hysteresis,
+                                      double min_loss_scale, double max_grad_norm) {
+  StepControlConfig c;
+  c.dynamic_loss_scale = dynamic_loss_scale;
+  c.scaler = DynamicLossScaleConfig{initial_scale_power, loss_scale_window, hysteresis, consecutive_hysteresis,
+                                    min_loss_scale};
+  c.max_grad_norm = max_grad_norm;
+  return c;
+}
+
 }  // namespace
 
 void bind_kernels(py::module_& m) {
+  m.attr("STEP_STATE_SIZE") = int(kStepStateSize);
+  m.attr("STEP_OUTPUT_SIZE") = int(kStepOutputSize);
+  m.def(
+      "step_control_init",
+      [](py::handle state, bool dynamic_loss_scale, int initial_scale_power, std::int64_t loss_scale_window,
+         int hysteresis, bool consecutive_hysteresis, double min_loss_scale, double max_grad_norm,
+         double static_scale, py::handle stream) {
+        Args a("zerofuse.step_control_init");
+        const TensorView st = a.tensor(state, "state", true);
+        const StepControlConfig c = step_control_config(dynamic_loss_scale, initial_scale_power, loss_scale_window,
+                                                        hysteresis, consecutive_hysteresis, min_loss_scale,
+                                                        max_grad_norm);
+        const Stream s = a.stream(stream, st.device);
+        py::gil_scoped_release nogil;
+        step_control_init(st, c, static_scale, s);
+      },
+      arg("state"), py::kw_only(), arg("dynamic_loss_scale"), arg("initial_scale_power"), arg("loss_scale_window"),
+      arg("hysteresis"), arg("consecutive_hysteresis"), arg("min_loss_scale"), arg("max_grad_norm"),
+      arg("static_scale"), arg("stream") = py::none(),
+      "Write a fresh step-control state (see zerofuse/step_control.h).");
+  m.def(
+      "step_control",
+      [](py::handle stats, py::handle state, py::handle out, bool dynamic_loss_scale, int initial_scale_power,
+         std::int64_t loss_scale_window, int hysteresis, bool consecutive_hysteresis, double min_loss_scale,
+         double max_grad_norm, py::handle stream) {
+        Args a("zerofuse.step_control");
+        const TensorView sv = a.tensor(stats, "stats"), st = a.tensor(state, "state", true),
+                         o = a.tensor(out, "out", true);
+        const StepControlConfig c = step_control_config(dynamic_loss_scale, initial_scale_power, loss_scale_window,
+                                                        hysteresis, consecutive_hysteresis, min_loss_scale,
+                                                        max_grad_norm);
+        const Stream s = a.stream(stream, sv.device);
+        py::gil_scoped_release nogil;
+        step_control(sv, st, o, c, s);
+      },
+      arg("stats"), arg("state"), arg("out"), py::kw_only(), arg("dynamic_loss_scale"), arg("initial_scale_power"),
+      arg("loss_scale_window"), arg("hysteresis"), arg("consecutive_hysteresis"), arg("min_loss_scale"),
+      arg("max_grad_norm"), arg("stream") = py::none(),
+      "Decide one optimizer step on the device (see zerofuse/step_control.h).");
+
   m.def(
       "adam_step",
       [](py::handle param, py::handle grad, py::handle exp_avg, py::handle exp_avg_sq, py::handle param_copy,

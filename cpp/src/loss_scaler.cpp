@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "loss_scale_rule.h"
 #include "zerofuse/error.h"
 
 namespace zerofuse {
@@ -43,26 +44,7 @@ bool LossScaler::update(bool overflow) {
     if (overflow) state_.last_overflow_iter = state_.cur_iter - 1;
     return overflow;
   }
-  LossScalerState& s = state_;
-  if (overflow) {
-    if (config_.hysteresis == 1 || s.cur_hysteresis == 1) {
-      // DeepSpeed raises here when the scale is already at the minimum; we keep
-      // going (the step is skipped either way) and let the caller warn.
-      at_minimum_ = s.scale <= config_.min_loss_scale;
-      s.scale = std::max(s.scale / 2.0, config_.min_loss_scale);
-    } else {
-      s.cur_hysteresis -= 1;
-    }
-    s.last_overflow_iter = s.cur_iter;
-  } else {
-    if (config_.consecutive_hysteresis) s.cur_hysteresis = config_.hysteresis;
-    const std::int64_t stable_interval = s.cur_iter - s.last_overflow_iter - 1;
-    if (stable_interval > 0 && stable_interval % config_.loss_scale_window == 0) {
-      if (!config_.consecutive_hysteresis) s.cur_hysteresis = config_.hysteresis;
-      s.scale *= 2.0;
-    }
-  }
-  s.cur_iter += 1;
+  at_minimum_ = detail::apply_loss_scale_rule(state_, overflow, config_);
   return overflow;
 }
 

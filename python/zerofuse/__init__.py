@@ -12,12 +12,16 @@ from ._version import __version__
 from .flat_plan import FlatPlan
 from .loss_scaler import DynamicLossScaler, StaticLossScaler
 
-_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli")
+_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint")
 
 
 def __getattr__(name):
     if name in _LAZY_SUBMODULES:
         return _importlib.import_module(f"{__name__}.{name}")
+    if name == "initialize":
+        from .runtime import initialize
+
+        return initialize
     raise AttributeError(f"module 'zerofuse' has no attribute '{name}'")
 
 
@@ -41,7 +45,10 @@ __all__ = [
     "FlatPlan",
     "set_num_threads",
     "get_num_threads",
+    "initialize",
     "ops",
     "nn",
     "optim",
+    "runtime",
+    "checkpoint",
 ]

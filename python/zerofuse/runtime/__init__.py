@@ -1,0 +1,5 @@
+"""The training engine: zerofuse.initialize and what it builds."""
+from .config import ConfigError, parse_config
+from .engine import Engine, initialize
+
+__all__ = ["ConfigError", "Engine", "initialize", "parse_config"]

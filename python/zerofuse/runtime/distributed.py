@@ -1,0 +1,68 @@
+"""Where this process sits: its data-parallel group, rank, world size and device.
+
+Works under torchrun (RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT), inside a process group the script made itself, or as a plain
+single process (no group at all). Communication always goes through
+torch.distributed: NCCL for CUDA, gloo for CPU.
+"""
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Placement:
+    group: Optional["dist.ProcessGroup"]  # None: a single process, no collectives
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name):
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def local_device() -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is usable, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", _env_int("LOCAL_RANK") or 0)
+    return torch.device("cpu")
+
+
+def setup(process_group=None) -> Placement:
+    """Join (or start) the data-parallel process group."""
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if process_group is not None:
+        if not dist.is_initialized():
+            raise ValueError("process_group was given but torch.distributed is not initialized")
+        return Placement(process_group, dist.get_rank(process_group), dist.get_world_size(process_group), device)
+    if not dist.is_initialized():
+        world = _env_int("WORLD_SIZE")
+        if world is None or world <= 1:
+            return Placement(None, 0, 1, device)
+        missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} is not set: launch with torchrun")
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    group = dist.group.WORLD
+    if dist.get_world_size(group) == 1:
+        return Placement(None, 0, 1, device)
+    return Placement(group, dist.get_rank(group), dist.get_world_size(group), device)

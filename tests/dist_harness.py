@@ -1,0 +1,58 @@
+"""Run a function in N gloo processes (torch.multiprocessing spawn) and get
+rank 0's return value back."""
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), ZEROFUSE_NUM_THREADS="1")
+    torch.set_num_threads(1)  # N processes share 2 cores
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        if rank == 0:
+            torch.save(result, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(world: int, fn, *args):
+    """fn(rank, world, *args) in `world` processes with a gloo group; returns
+    what rank 0 returned. A failure in any rank raises here with its traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.pt")
+        mp.spawn(_entry, args=(world, free_port(), fn, args, path), nprocs=world, join=True)
+        return torch.load(path, weights_only=False)
+
+
+def gather_master(engine):
+    """Every trainable parameter's fp32 master value, assembled from all ranks' shards."""
+    table, master, _, _ = engine.optimizer.shard_pieces()
+    names = [s.name for s in engine.optimizer.layout.slots]
+    shapes = {s.name: s.shape for s in engine.optimizer.layout.slots}
+    mine = (table, master)
+    everyone = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    if engine.optimizer.partition_world == 1:
+        everyone = everyone[:1]
+    out = {n: torch.full((int(torch.Size(shapes[n]).numel()),), float("nan")) for n in names}
+    for table, master in everyone:
+        cursor = 0
+        for param_index, first, length in table.tolist():
+            out[names[param_index]][first:first + length] = master[cursor:cursor + length]
+            cursor += length
+    return {n: t.view(shapes[n]) for n, t in out.items()}
