@@ -1,5 +1,6 @@
 """Run a function in N gloo processes (torch.multiprocessing spawn) and get
 rank 0's return value back."""
+import gc
 import os
 import socket
 import tempfile
@@ -24,7 +25,9 @@ def _entry(rank, world, port, fn, args, result_path):
         result = fn(rank, world, *args)
         if rank == 0:
             torch.save(result, result_path)
+        dist.barrier()
     finally:
+        gc.collect()  # nothing may hold the process group once it is destroyed
         dist.destroy_process_group()
 
 

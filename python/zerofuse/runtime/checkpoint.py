@@ -211,6 +211,9 @@ def read_manifest(load_dir, tag=None):
         with open(latest) as f:
             tag = f.read().strip()
     path = os.path.join(load_dir, str(tag))
+    old = os.path.join(load_dir, f".{tag}.old")
+    if not os.path.isdir(path) and os.path.isfile(os.path.join(old, MANIFEST)):
+        path = old  # a re-save of this tag died between moving the old one aside and renaming the new one in
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
         raise CheckpointError(f"{path}: no {MANIFEST}; not a zerofuse checkpoint, or an incomplete one")

@@ -8,16 +8,23 @@ into the flat gradient buffers and frees it:
   ZeRO-2:   into a bucket-sized staging buffer; every micro-step each bucket is
             reduce-scattered into this rank's gradient shard (the staging
             buffer is then reused), so no rank ever holds all gradients.
-Buckets are reduced strictly in bucket order, the same on every rank; with
-overlap_comm a bucket goes as soon as it and all before it are complete,
-while the rest of backward runs. bf16/fp32 reduce with AVG; fp16 is divided by
+Buckets are reduced as soon as they and all before them are complete, strictly
+in bucket order (the same on every rank). Without overlap_comm each reduction
+is waited for at once; with it, it runs while backward goes on, at most
+MAX_IN_FLIGHT at a time (so ZeRO-2 holds only a couple of staging buckets). bf16/fp32 reduce with AVG; fp16 is divided by
 sqrt(world) before and after a SUM so the sum cannot overflow.
 """
 import math
+import weakref
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+
+from . import collectives
+
+
+MAX_IN_FLIGHT = 2
 
 
 class _Pending:
@@ -87,12 +94,8 @@ class GradReducer:
 
     def wait(self):
         """Finish every in-flight reduction (on CUDA: make the current stream wait)."""
-        pending, self.pending = self.pending, []
-        for p in pending:
-            if p.work is not None:
-                p.work.wait()
-            if p.finish is not None:
-                p.finish()
+        while self.pending:
+            self._finish_oldest()
 
     def remove_hooks(self):
         for h in self.hooks:
@@ -102,8 +105,15 @@ class GradReducer:
     # --- gradients arrive ------------------------------------------------------------------------
 
     def _hook(self, slot_index):
+        # A weak reference: parameters must not keep the reducer (and through it
+        # the process group) alive after the engine is gone -- a process group
+        # destroyed during interpreter shutdown aborts the process.
+        me = weakref.ref(self)
+
         def hook(param):
-            self._on_grad(slot_index, param)
+            reducer = me()
+            if reducer is not None:
+                reducer._on_grad(slot_index, param)
 
         return hook
 
@@ -117,15 +127,16 @@ class GradReducer:
         param.grad = None  # the flat buffers hold it now
         if self.stage < 2:
             self.flat_grads[slot.offset:slot.offset + slot.numel].add_(grad)
-        else:
-            for b in range(slot.first_bucket, slot.last_bucket + 1):
+        # Bucket by bucket, reducing each as soon as it completes: a parameter
+        # spanning many buckets never has them all staged at once.
+        for b in range(slot.first_bucket, slot.last_bucket + 1):
+            if self.stage == 2:
                 begin, end = self.layout.buckets[b][0], self.layout.buckets[b][1]
                 lo, hi = max(begin, slot.offset), min(end, slot.offset + slot.numel)
                 self._staging(b)[lo - begin:hi - begin].copy_(grad[lo - slot.offset:hi - slot.offset])
-        for b in range(slot.first_bucket, slot.last_bucket + 1):
             self.remaining[b] -= 1
-        if self.communicate and self.overlap:
-            self._launch_ready()
+            if self.communicate:
+                self._launch_ready()
 
     def _staging(self, b):
         if self.staging[b] is None:
@@ -145,6 +156,17 @@ class GradReducer:
         while self.next_bucket < len(self.remaining) and self.remaining[self.next_bucket] == 0:
             self._launch(self.next_bucket)
             self.next_bucket += 1
+            # Synchronous without overlap_comm; with it, a bounded number in flight.
+            limit = MAX_IN_FLIGHT if self.overlap else 0
+            while len(self.pending) > limit:
+                self._finish_oldest()
+
+    def _finish_oldest(self):
+        p = self.pending.pop(0)
+        if p.work is not None:
+            p.work.wait()
+        if p.finish is not None:
+            p.finish()
 
     def _launch(self, b):
         begin, end, _, shard_offset = self.layout.buckets[b]
@@ -178,7 +200,7 @@ class GradReducer:
             if whole or not self.use_reduce_scatter:
                 work = dist.all_reduce(src, op=op, group=self.group, async_op=True)
             else:
-                work = dist.reduce_scatter_tensor(part, src, op=op, group=self.group, async_op=True)
+                work = collectives.reduce_scatter(part, src, op=op, group=self.group, async_op=True)
 
         def finish():
             if self.world > 1 and fp16:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
+from . import collectives
 from ..ops._library import stream_of
 from .grad_reducer import GradReducer
 from .layout import FlatLayout
@@ -161,7 +162,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         works = []
         for b, (begin, end, _, _) in enumerate(self.layout.buckets):
             lo, hi = self.layout.chunk_range(b)
-            works.append(dist.all_gather_into_tensor(self.flat_params[begin:end], self.flat_params[lo:hi],
+            works.append(collectives.all_gather(self.flat_params[begin:end], self.flat_params[lo:hi],
                                                      group=self.placement.group, async_op=True))
         for w in works:
             w.wait()
