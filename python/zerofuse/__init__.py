@@ -12,7 +12,7 @@ from ._version import __version__
 from .flat_plan import FlatPlan
 from .loss_scaler import DynamicLossScaler, StaticLossScaler
 
-_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint")
+_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint", "models")
 
 
 def __getattr__(name):

@@ -4,15 +4,16 @@
 //
 // Backward, with P = exp(S - lse) recomputed per block and Di = rowsum(dO * O):
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - Di),  dQ = scale * dS K,  dK = scale * dS^T Q.
-// It runs as two passes so that every output block has one owner and no thread
-// ever adds into memory another thread writes: pass 1 walks key blocks and
-// produces dK, dV; pass 2 walks query blocks and produces dQ.
+// Threads take whole (batch, head) pairs, so every output has one owner and
+// each score block is computed once.
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "cpu/block_gemm.h"
 #include "cpu/convert.h"
+#include "cpu/fast_math.h"
 #include "cpu/kernels.h"
 #include "parallel.h"
 
@@ -74,17 +75,15 @@ template <typename A>
 void block_scores(const A* __restrict q, const A* __restrict kt, std::int64_t nq, std::int64_t nk,
                   std::int64_t d, A scale, std::int64_t q0, std::int64_t k0, bool causal,
                   const std::uint8_t* key_mask, A* __restrict s) {
+  for (std::int64_t i = 0; i < nq * nk; ++i) s[i] = A(0);
+  gemm_acc(Gemm<A>{nq, nk, d, q, d, 1, kt, nk, s, nk, scale});
+  const bool all_visible = !key_mask && (!causal || k0 + nk - 1 <= q0);
+  if (all_visible) return;
   for (std::int64_t i = 0; i < nq; ++i) {
     A* __restrict si = s + i * nk;
-    for (std::int64_t j = 0; j < nk; ++j) si[j] = A(0);
-    for (std::int64_t c = 0; c < d; ++c) {
-      const A qc = q[i * d + c];
-      const A* __restrict kc = kt + c * nk;
-      for (std::int64_t j = 0; j < nk; ++j) si[j] += qc * kc[j];
-    }
     for (std::int64_t j = 0; j < nk; ++j) {
       const bool hidden = (causal && k0 + j > q0 + i) || (key_mask && !key_mask[k0 + j]);
-      si[j] = hidden ? -std::numeric_limits<A>::infinity() : si[j] * scale;
+      if (hidden) si[j] = -std::numeric_limits<A>::infinity();
     }
   }
 }
@@ -130,25 +129,27 @@ void forward_typed(const TensorView& q, const TensorView& k, const TensorView& v
         for (std::int64_t i = 0; i < nq; ++i) {
           A* __restrict si = s.data() + i * nk;
           A block_max = neg_inf;
+#pragma omp simd reduction(max : block_max)
           for (std::int64_t j = 0; j < nk; ++j) block_max = std::max(block_max, si[j]);
           const A m_new = std::max(m[i], block_max);
-          if (m_new == neg_inf) continue;  // nothing visible to this query yet
+          if (m_new == neg_inf) {  // nothing visible to this query yet: it adds nothing
+            for (std::int64_t j = 0; j < nk; ++j) si[j] = A(0);
+            continue;
+          }
           const A correction = std::exp(m[i] - m_new);  // 0 when m[i] was -inf
           A row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
           for (std::int64_t j = 0; j < nk; ++j) {
-            si[j] = std::exp(si[j] - m_new);
+            si[j] = exp_approx(si[j] - m_new);
             row_sum += si[j];
           }
           l[i] = l[i] * correction + row_sum;
           m[i] = m_new;
           A* __restrict ai = acc.data() + i * d;
           for (std::int64_t c = 0; c < d; ++c) ai[c] *= correction;
-          for (std::int64_t j = 0; j < nk; ++j) {
-            const A p = si[j];
-            const A* __restrict vj = vf.data() + j * d;
-            for (std::int64_t c = 0; c < d; ++c) ai[c] += p * vj[c];
-          }
         }
+        // acc += P V for the whole block at once.
+        gemm_acc(Gemm<A>{nq, d, nk, s.data(), nk, 1, vf.data(), d, acc.data(), d});
       }
       for (std::int64_t i = 0; i < nq; ++i) {
         const A inv = l[i] > 0 ? A(1) / l[i] : A(0);
@@ -172,19 +173,22 @@ struct BackwardBlock {
                std::int64_t nk, std::int64_t d, A scale, std::int64_t q0, std::int64_t k0, bool causal,
                const std::uint8_t* key_mask) {
     block_scores(q, kt, nq, nk, d, scale, q0, k0, causal, key_mask, s.data());
+    for (std::int64_t i = 0; i < nq * nk; ++i) ds[i] = A(0);
+    gemm_acc(Gemm<A>{nq, nk, d, dout, d, 1, vt, nk, ds.data(), nk});  // dP = dO V^T
     for (std::int64_t i = 0; i < nq; ++i) {
       A* __restrict pi = p.data() + i * nk;
       A* __restrict dsi = ds.data() + i * nk;
       const A* __restrict si = s.data() + i * nk;
-      const bool row_sees_nothing = lse[i] == -std::numeric_limits<A>::infinity();
-      for (std::int64_t j = 0; j < nk; ++j) pi[j] = row_sees_nothing ? A(0) : std::exp(si[j] - lse[i]);
-      for (std::int64_t j = 0; j < nk; ++j) dsi[j] = A(0);
-      for (std::int64_t c = 0; c < d; ++c) {  // dP = dO V^T
-        const A g = dout[i * d + c];
-        const A* __restrict vc = vt + c * nk;
-        for (std::int64_t j = 0; j < nk; ++j) dsi[j] += g * vc[j];
+      if (lse[i] == -std::numeric_limits<A>::infinity()) {  // the row sees no key: no gradient
+        for (std::int64_t j = 0; j < nk; ++j) pi[j] = dsi[j] = A(0);
+        continue;
       }
-      for (std::int64_t j = 0; j < nk; ++j) dsi[j] = pi[j] * (dsi[j] - di[i]);
+      const A row_lse = lse[i], row_di = di[i];
+#pragma omp simd
+      for (std::int64_t j = 0; j < nk; ++j) {
+        pi[j] = exp_approx(si[j] - row_lse);
+        dsi[j] = pi[j] * (dsi[j] - row_di);
+      }
     }
   }
 };
@@ -200,93 +204,52 @@ void backward_typed(const TensorView& dout, const TensorView& q, const TensorVie
   const A* lse_all = lse.data_as<const A>();
   const A scale = A(cfg.scale);
 
-  // Di = rowsum(dO * O), per query.
-  std::vector<A> di_all(std::size_t(heads * dm.seq_q));
-  detail::parallel_for(heads * dm.q_blocks(), 1, [&](std::int64_t t0, std::int64_t t1, int) {
-    std::vector<A> o(kBlockQ * d), g(kBlockQ * d);
-    for (std::int64_t task = t0; task < t1; ++task) {
-      const std::int64_t bh = task / dm.q_blocks(), q0 = (task % dm.q_blocks()) * kBlockQ;
-      const std::int64_t nq = std::min(kBlockQ, dm.seq_q - q0);
-      load_rows<T>(out, bh / dm.heads, bh % dm.heads, q0, nq, o.data());
-      load_rows<T>(dout, bh / dm.heads, bh % dm.heads, q0, nq, g.data());
-      for (std::int64_t i = 0; i < nq; ++i) {
-        A sum = 0;
-        for (std::int64_t c = 0; c < d; ++c) sum += o[i * d + c] * g[i * d + c];
-        di_all[std::size_t(bh * dm.seq_q + q0 + i)] = sum;
-      }
-    }
-  });
-
-  // Pass 1: one task per key block produces its dK and dV.
-  detail::parallel_for(heads * dm.k_blocks(), 1, [&](std::int64_t t0, std::int64_t t1, int) {
-    std::vector<A> qf(kBlockQ * d), gf(kBlockQ * d), kt(d * kBlockK), vt(d * kBlockK), dk_acc(kBlockK * d),
-        dv_acc(kBlockK * d);
+  // One task per (batch, head): it owns that head's dQ, dK and dV outright, so
+  // each score block is recomputed once and nothing is shared between threads.
+  detail::parallel_for(heads, 1, [&](std::int64_t t0, std::int64_t t1, int) {
+    std::vector<A> qf(kBlockQ * d), gf(kBlockQ * d), kt(d * kBlockK), vt(d * kBlockK), kf(kBlockK * d),
+        dk_acc(kBlockK * d), dv_acc(kBlockK * d), dq_acc(dm.seq_q * d), di(dm.seq_q);
     BackwardBlock<A> blk;
-    for (std::int64_t task = t0; task < t1; ++task) {
-      const std::int64_t bh = task / dm.k_blocks(), b = bh / dm.heads, h = bh % dm.heads;
-      const std::int64_t k0 = (task % dm.k_blocks()) * kBlockK, nk = std::min(kBlockK, dm.seq_k - k0);
+    for (std::int64_t bh = t0; bh < t1; ++bh) {
+      const std::int64_t b = bh / dm.heads, h = bh % dm.heads;
       const std::uint8_t* key_mask = mask_row(mask, b);
-      load_rows_transposed<T>(k, b, h, k0, nk, kt.data());
-      load_rows_transposed<T>(v, b, h, k0, nk, vt.data());
-      std::fill(dk_acc.begin(), dk_acc.end(), A(0));
-      std::fill(dv_acc.begin(), dv_acc.end(), A(0));
-      // With causal masking, queries before k0 see none of these keys.
-      const std::int64_t q_start = cfg.causal ? (k0 / kBlockQ) * kBlockQ : 0;
-      for (std::int64_t q0 = q_start; q0 < dm.seq_q; q0 += kBlockQ) {
+      const A* head_lse = lse_all + bh * dm.seq_q;
+      // Di = rowsum(dO * O), per query.
+      for (std::int64_t q0 = 0; q0 < dm.seq_q; q0 += kBlockQ) {
         const std::int64_t nq = std::min(kBlockQ, dm.seq_q - q0);
-        load_rows<T>(q, b, h, q0, nq, qf.data());
+        load_rows<T>(out, b, h, q0, nq, qf.data());
         load_rows<T>(dout, b, h, q0, nq, gf.data());
-        blk.compute(qf.data(), gf.data(), kt.data(), vt.data(), lse_all + bh * dm.seq_q + q0,
-                    di_all.data() + bh * dm.seq_q + q0, nq, nk, d, scale, q0, k0, cfg.causal, key_mask);
         for (std::int64_t i = 0; i < nq; ++i) {
-          const A* __restrict gi = gf.data() + i * d;
-          const A* __restrict qi = qf.data() + i * d;
-          for (std::int64_t j = 0; j < nk; ++j) {
-            const A p = blk.p[i * nk + j], ds = blk.ds[i * nk + j] * scale;
-            A* __restrict dvj = dv_acc.data() + j * d;
-            A* __restrict dkj = dk_acc.data() + j * d;
-            for (std::int64_t c = 0; c < d; ++c) {
-              dvj[c] += p * gi[c];
-              dkj[c] += ds * qi[c];
-            }
-          }
+          A sum = 0;
+          for (std::int64_t c = 0; c < d; ++c) sum += qf[i * d + c] * gf[i * d + c];
+          di[q0 + i] = sum;
         }
       }
-      store_rows<T>(dk, b, h, k0, nk, dk_acc.data());
-      store_rows<T>(dv, b, h, k0, nk, dv_acc.data());
-    }
-  });
-
-  // Pass 2: one task per query block produces its dQ.
-  detail::parallel_for(heads * dm.q_blocks(), 1, [&](std::int64_t t0, std::int64_t t1, int) {
-    std::vector<A> qf(kBlockQ * d), gf(kBlockQ * d), kt(d * kBlockK), vt(d * kBlockK), kf(kBlockK * d),
-        dq_acc(kBlockQ * d);
-    BackwardBlock<A> blk;
-    for (std::int64_t task = t0; task < t1; ++task) {
-      const std::int64_t bh = task / dm.q_blocks(), b = bh / dm.heads, h = bh % dm.heads;
-      const std::int64_t q0 = (task % dm.q_blocks()) * kBlockQ, nq = std::min(kBlockQ, dm.seq_q - q0);
-      const std::uint8_t* key_mask = mask_row(mask, b);
-      load_rows<T>(q, b, h, q0, nq, qf.data());
-      load_rows<T>(dout, b, h, q0, nq, gf.data());
       std::fill(dq_acc.begin(), dq_acc.end(), A(0));
-      const std::int64_t k_end = visible_keys(dm, cfg.causal, q0 + nq);
-      for (std::int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
-        const std::int64_t nk = std::min(kBlockK, k_end - k0);
+      for (std::int64_t k0 = 0; k0 < dm.seq_k; k0 += kBlockK) {
+        const std::int64_t nk = std::min(kBlockK, dm.seq_k - k0);
         load_rows_transposed<T>(k, b, h, k0, nk, kt.data());
         load_rows_transposed<T>(v, b, h, k0, nk, vt.data());
         load_rows<T>(k, b, h, k0, nk, kf.data());
-        blk.compute(qf.data(), gf.data(), kt.data(), vt.data(), lse_all + bh * dm.seq_q + q0,
-                    di_all.data() + bh * dm.seq_q + q0, nq, nk, d, scale, q0, k0, cfg.causal, key_mask);
-        for (std::int64_t i = 0; i < nq; ++i) {
-          A* __restrict dqi = dq_acc.data() + i * d;
-          for (std::int64_t j = 0; j < nk; ++j) {
-            const A ds = blk.ds[i * nk + j] * scale;
-            const A* __restrict kj = kf.data() + j * d;
-            for (std::int64_t c = 0; c < d; ++c) dqi[c] += ds * kj[c];
-          }
+        std::fill(dk_acc.begin(), dk_acc.end(), A(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), A(0));
+        // With causal masking, queries before k0 see none of these keys.
+        const std::int64_t q_start = cfg.causal ? (k0 / kBlockQ) * kBlockQ : 0;
+        for (std::int64_t q0 = q_start; q0 < dm.seq_q; q0 += kBlockQ) {
+          const std::int64_t nq = std::min(kBlockQ, dm.seq_q - q0);
+          load_rows<T>(q, b, h, q0, nq, qf.data());
+          load_rows<T>(dout, b, h, q0, nq, gf.data());
+          blk.compute(qf.data(), gf.data(), kt.data(), vt.data(), head_lse + q0, di.data() + q0, nq, nk, d, scale,
+                      q0, k0, cfg.causal, key_mask);
+          // dV += P^T dO,  dK += scale dS^T Q,  dQ += scale dS K
+          gemm_acc(Gemm<A>{nk, d, nq, blk.p.data(), 1, nk, gf.data(), d, dv_acc.data(), d});
+          gemm_acc(Gemm<A>{nk, d, nq, blk.ds.data(), 1, nk, qf.data(), d, dk_acc.data(), d, scale});
+          gemm_acc(Gemm<A>{nq, d, nk, blk.ds.data(), nk, 1, kf.data(), d, dq_acc.data() + q0 * d, d, scale});
         }
+        store_rows<T>(dk, b, h, k0, nk, dk_acc.data());
+        store_rows<T>(dv, b, h, k0, nk, dv_acc.data());
       }
-      store_rows<T>(dq, b, h, q0, nq, dq_acc.data());
+      store_rows<T>(dq, b, h, 0, dm.seq_q, dq_acc.data());
     }
   });
 }

@@ -1,0 +1,34 @@
+// exp() that vectorises: the CPU attention kernels take one per score, and
+// the C library's expf is a call per element that no loop around it can turn
+// into SIMD. Range reduction to e^r * 2^n with |r| <= ln2/2 and a degree-6
+// polynomial: within 2 ulp of expf over the range softmax uses. Arguments
+// below -87 (including -inf, a masked score) give exactly 0.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace zerofuse::cpu {
+
+inline float exp_approx(float x) {
+  const float log2e = 1.44269504088896341f;
+  const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(clamped * log2e + 0.5f);
+  const float r = clamped - n * ln2_hi - n * ln2_lo;
+  // Taylor-like minimax coefficients of e^r on [-ln2/2, ln2/2] (Cephes expf).
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;
+  const float result = p * __builtin_bit_cast(float, bits);
+  return x < -87.0f ? 0.0f : result;
+}
+
+inline double exp_approx(double x) { return std::exp(x); }  // float64 is for reference work: exact
+
+}  // namespace zerofuse::cpu
