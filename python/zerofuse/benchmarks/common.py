@@ -13,7 +13,10 @@ import torch
 
 import zerofuse
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+def default_results_dir() -> str:
+    """bench/results of the repository when run from a checkout, else ./zerofuse_bench_results."""
+    return "bench/results" if os.path.isdir("bench") else "zerofuse_bench_results"
 
 
 def cpu_name() -> str:
@@ -36,9 +39,8 @@ def device_record(device: str) -> dict:
 
 def commit() -> str:
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
@@ -92,7 +94,8 @@ def case(zerofuse_ms, peer_ms, peer, max_error, **extra):
             "speedup": round(peer_ms / zerofuse_ms, 3), "max_error": float(max_error), **extra}
 
 
-def write_results(what: str, device: str, results: dict, out_dir: str = RESULTS_DIR) -> str:
+def write_results(what: str, device: str, results: dict, out_dir: str = None) -> str:
+    out_dir = out_dir or default_results_dir()
     record = {
         **device_record(device),
         "torch": torch.__version__,

@@ -1,0 +1,112 @@
+"""CPU kernel benchmark: zerofuse against torch's CPU equivalents in the same run.
+
+    python bench/cpu_kernels.py            # writes bench/results/cpu-kernels-<date>.json
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import zerofuse
+from zerofuse.ops import attention, layer_norm
+from zerofuse.optim import FusedAdam
+
+from .common import case, compare_cpu, print_table, write_results
+
+
+def bench_adam(n, repeat):
+    """FusedAdam vs torch.optim.AdamW(fused=True) on one flat fp32 tensor of n."""
+    init = torch.randn(n)
+    grad = torch.randn(n)
+    ours, theirs = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ours.grad, theirs.grad = grad.clone(), grad.clone()
+    opt = FusedAdam([ours], lr=1e-3, weight_decay=0.01)
+    ref = torch.optim.AdamW([theirs], lr=1e-3, weight_decay=0.01, fused=True)
+    opt.step()
+    ref.step()
+    err = (ours.detach() - theirs.detach()).abs().max().item()
+    return case(*compare_cpu(opt.step, ref.step, repeat=repeat), "torch.optim.AdamW(fused=True)", err, params=n)
+
+
+def bench_adam_list(repeat):
+    """The multi-tensor path: GPT-2 124M's 148 tensor shapes, scaled down 10x in width."""
+    shapes = [(5030, 77), (102, 77)] + [(77,), (77,), (231, 77), (231,), (77, 77), (77,), (77,), (77,),
+                                        (308, 77), (308,), (77, 308), (77,)] * 12 + [(77,), (77,)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    opt = FusedAdam(ours, lr=1e-3, weight_decay=0.01)
+    ref = torch.optim.AdamW(theirs, lr=1e-3, weight_decay=0.01, fused=True)
+    opt.step()
+    ref.step()
+    err = max((a.detach() - b.detach()).abs().max().item() for a, b in zip(ours, theirs))
+    return case(*compare_cpu(opt.step, ref.step, repeat=repeat), "torch.optim.AdamW(fused=True)", err,
+                tensors=len(shapes), params=sum(p.numel() for p in ours))
+
+
+def bench_layer_norm(rows, width, dtype, repeat):
+    x = torch.randn(rows, width, dtype=dtype)
+    dy = torch.randn(rows, width, dtype=dtype)
+    ref_mod = torch.nn.LayerNorm(width, dtype=dtype)
+    ours_mod = zerofuse.nn.LayerNorm(width, dtype=dtype)
+    ours_mod.load_state_dict(ref_mod.state_dict())
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    def fwd_bwd(mod, inp):
+        def run():
+            inp.grad = None
+            mod.zero_grad(set_to_none=True)
+            mod(inp).backward(dy)
+        return run
+
+    y_ours, y_ref = ours_mod(x), ref_mod(x)
+    err = (y_ours.double() - y_ref.double()).abs().max().item()
+    with torch.no_grad():
+        fwd = case(*compare_cpu(lambda: ours_mod(x), lambda: ref_mod(x), repeat=repeat), "torch.nn.LayerNorm", err,
+                   shape=[rows, width])
+    both = case(*compare_cpu(fwd_bwd(ours_mod, xa), fwd_bwd(ref_mod, xb), repeat=repeat), "torch.nn.LayerNorm", err,
+                shape=[rows, width])
+    return fwd, both
+
+
+def bench_attention(b, h, s, d, repeat):
+    q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
+    out = attention(q, k, v, causal=True)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    err = (out - ref).abs().max().item()
+    ours = lambda: attention(q, k, v, causal=True)  # noqa: E731
+    peer = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    return case(*compare_cpu(ours, peer, repeat=repeat), "F.scaled_dot_product_attention (CPU)", err,
+                shape=[b, h, s, d])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
+    parser.add_argument("--out", default=None, help="results directory (default: bench/results in a checkout)")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write a results file")
+    args = parser.parse_args(argv)
+    repeat = 2 if args.quick else 10
+    scale = 10 if args.quick else 1
+
+    results = {}
+    with torch.no_grad():
+        results["adam/flat_1e7/fp32"] = bench_adam(10_000_000 // scale, repeat)
+        results["adam/gpt2_shapes_148_tensors/fp32"] = bench_adam_list(repeat)
+    fwd, both = bench_layer_norm(16384 // scale, 768, torch.float32, repeat)
+    results["layernorm/16384x768/fp32/fwd"] = fwd
+    results["layernorm/16384x768/fp32/fwd+bwd"] = both
+    fwd, both = bench_layer_norm(16384 // scale, 768, torch.bfloat16, repeat)
+    results["layernorm/16384x768/bf16/fwd"] = fwd
+    results["layernorm/16384x768/bf16/fwd+bwd"] = both
+    with torch.no_grad():
+        results["attention/causal/4x12x512x64/fp32/fwd"] = bench_attention(4 // min(scale, 4), 12, 512, 64, repeat)
+    print_table(results)
+    if not args.no_write:
+        print("wrote", write_results("kernels", "cpu", results, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""`zerofuse train`: a byte-level GPT trained through zerofuse.initialize.
+
+With no arguments it trains on the Python standard library's sources (no
+download), sized to finish in minutes on a laptop CPU (larger on a GPU), and
+leaves in the run directory: config.json, metrics.csv, loss.png, TensorBoard
+events (when tensorboard is installed) and engine checkpoints. Works under
+torchrun (ZeRO-2 across the processes; the same global batch, so the same loss
+curve, as one process).
+"""
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from ..models import GPT, GPTConfig
+from ..runtime import distributed
+from ..runtime.config import load_raw
+from .data import load_corpus, sample_batch
+from .plot import plot_losses
+
+METRIC_COLUMNS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s")
+
+# Dense bf16 peak (tensor cores), for model FLOP utilisation.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+CPU_DEFAULTS = dict(layers=4, heads=4, width=128, context=128, batch_size=16, steps=500, lr=3e-3, eval_every=50)
+GPU_DEFAULTS = dict(layers=8, heads=8, width=512, context=256, batch_size=64, steps=2000, lr=1e-3, eval_every=200)
+
+
+class TrainError(ValueError):
+    """A problem with the command line or the run directory, reported as one line."""
+
+
+def add_arguments(p):
+    p.add_argument("--config", help="engine config (DeepSpeed JSON); default: a built-in ZeRO-2 AdamW config")
+    p.add_argument("--data", help="a text file or a directory of text files (default: the Python standard library)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/zerofuse-<date>-<time>)")
+    p.add_argument("--steps", type=int, help="optimizer steps (CPU default 500, GPU 2000)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g = p.add_argument_group("model size (defaults depend on the device)")
+    g.add_argument("--layers", type=int)
+    g.add_argument("--heads", type=int)
+    g.add_argument("--width", type=int, help="embedding width")
+    g.add_argument("--context", type=int, help="sequence length in bytes")
+    g.add_argument("--batch-size", type=int, help="sequences per optimizer step, over all processes")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--eval-every", type=int, help="steps between validation losses (and checkpoints)")
+    p.add_argument("--eval-batches", type=int, default=8, help="batches per validation loss (default 8)")
+    p.add_argument("--seed", type=int, default=1337)
+
+
+def _settings(args, device):
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    s = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    for key in ("layers", "heads", "width", "context", "batch_size", "steps", "eval_every"):
+        if s[key] < 1:
+            raise TrainError(f"--{key.replace('_', '-')} must be >= 1, got {s[key]}")
+    if s["width"] % s["heads"]:
+        raise TrainError(f"--width ({s['width']}) must be divisible by --heads ({s['heads']})")
+    if not (s["lr"] > 0 and math.isfinite(s["lr"])):
+        raise TrainError(f"--lr must be a positive number, got {s['lr']}")
+    if args.eval_batches < 1:
+        raise TrainError(f"--eval-batches must be >= 1, got {args.eval_batches}")
+    return s
+
+
+def _engine_config(args, s, world, device):
+    if args.config:
+        return load_raw(args.config)
+    if s["batch_size"] % world:
+        raise TrainError(f"--batch-size ({s['batch_size']}) must be divisible by the number of processes ({world})")
+    return {
+        "train_batch_size": s["batch_size"],
+        "train_micro_batch_size_per_gpu": s["batch_size"] // world,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,  # the progress bar reports instead
+        "bf16": {"enabled": device.type == "cuda" and torch.cuda.is_bf16_supported()},
+        "optimizer": {"type": "AdamW", "params": {"lr": s["lr"], "betas": [0.9, 0.95], "weight_decay": 0.1}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": s["steps"], "warmup_num_steps": max(2, s["steps"] // 20), "warmup_type": "linear",
+            "cos_min_ratio": 0.1}},
+        "zero_optimization": {"stage": 2, "overlap_comm": True},
+    }
+
+
+def _peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class _Metrics:
+    """metrics.csv (and TensorBoard events, when available), written by rank 0."""
+
+    def __init__(self, run_dir, start_step):
+        self.path = os.path.join(run_dir, "metrics.csv")
+        rows = []
+        if os.path.exists(self.path):  # a resumed run keeps what came before its checkpoint
+            with open(self.path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, METRIC_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, METRIC_COLUMNS)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, row):
+        self.writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
+                if row.get(key) is not None:
+                    self.tb.add_scalar(key, row[key], row["tokens"])
+
+    def close(self):
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _validation_loss(engine, val, s, args, rank, world):
+    engine.eval()
+    total = torch.zeros((), device=engine.device)
+    rows = max(1, s["batch_size"] // world)
+    with torch.no_grad():
+        for i in range(args.eval_batches):
+            # Fixed batches (the same every evaluation), split across processes.
+            x, y = sample_batch(val, rows * world, s["context"], args.seed + 1, i)
+            total += engine(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]).float()
+    if world > 1:
+        dist.all_reduce(total)
+    engine.train()
+    return total.item() / (args.eval_batches * world)
+
+
+def run(args) -> int:
+    placement = distributed.setup()
+    rank, world, device = placement.rank, placement.world_size, placement.device
+    main = rank == 0
+    s = _settings(args, device)
+    run_dir = args.out or os.path.join("runs", time.strftime("zerofuse-%Y%m%d-%H%M%S"))
+    if world > 1 and args.out is None:
+        raise TrainError("under torchrun, give --out (every process must write to the same run directory)")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    has_run = os.path.exists(os.path.join(ckpt_dir, "latest"))
+    if args.resume and not has_run:
+        raise TrainError(f"--resume: {run_dir} has no checkpoint to continue from")
+    if has_run and not args.resume:
+        raise TrainError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+
+    train, val, description = load_corpus(args.data)
+    model_config = GPTConfig(vocab_size=256, block_size=s["context"], n_layer=s["layers"], n_head=s["heads"],
+                             n_embd=s["width"])
+    torch.manual_seed(args.seed)
+    model = GPT(model_config)
+    engine_config = _engine_config(args, s, world, device)
+    import zerofuse
+
+    quiet = contextlib.redirect_stdout(io.StringIO()) if not main else contextlib.nullcontext()
+    with quiet:
+        engine, _, _, _ = zerofuse.initialize(model=model, model_parameters=model.param_groups(0.1),
+                                              config=engine_config)
+    if main:
+        os.makedirs(run_dir, exist_ok=True)
+    start = 0
+    if args.resume:
+        with quiet:
+            engine.load_checkpoint(ckpt_dir)
+        start = engine.micro_steps // engine.gradient_accumulation_steps
+    steps = s["steps"]
+    if main:
+        config_record = {"engine": engine.config.to_dict(), "model": asdict(model_config), "data": description,
+                         "world_size": world, "device": str(device), "settings": s, "seed": args.seed}
+        tmp = os.path.join(run_dir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(config_record, f, indent=2)
+        os.replace(tmp, os.path.join(run_dir, "config.json"))
+        print(f"[zerofuse train] {model_config.num_params():,} parameters, data: {description}", flush=True)
+        print(f"[zerofuse train] run directory: {run_dir}", flush=True)
+
+    if start >= steps:
+        if main:
+            print(f"[zerofuse train] {run_dir} already has {start} of {steps} steps; nothing to do", flush=True)
+        return 0
+    metrics = _Metrics(run_dir, start) if main else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, disable=not main, dynamic_ncols=True, unit="step", file=sys.stdout)
+    gbs, mbs, gas = engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps
+    context = s["context"]
+    tokens_per_step = gbs * context
+    flops_per_token, peak = model_config.flops_per_token(context), _peak_flops(device)
+    val_loss = None
+    if start == 0:  # where training starts from, for the plot
+        val_loss = _validation_loss(engine, val, s, args, rank, world)
+        if main:
+            metrics.write({"step": 0, "tokens": 0, "val_loss": round(val_loss, 5), "lr": engine.get_lr()[0]})
+    tick = time.perf_counter()
+    for step in range(start, steps):
+        x, y = sample_batch(train, gbs, context, args.seed, step)
+        total = torch.zeros((), device=device)
+        for micro in range(gas):
+            rows = slice((micro * world + rank) * mbs, (micro * world + rank + 1) * mbs)
+            loss = engine(x[rows], y[rows])
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float()
+        if world > 1:
+            dist.all_reduce(total)
+        train_loss = total.item() / (gas * world)
+        now = time.perf_counter()
+        tokens_per_s = tokens_per_step / max(now - tick, 1e-9)
+        tick = now
+        last = step + 1 == steps
+        if (step + 1) % s["eval_every"] == 0 or last:
+            val_loss = _validation_loss(engine, val, s, args, rank, world)
+            with quiet:
+                engine.save_checkpoint(ckpt_dir, tag=f"step{step + 1}")
+            tick = time.perf_counter()  # evaluation and saving are not training time
+        if main:
+            row = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "train_loss": round(train_loss, 5),
+                   "val_loss": None if val_loss is None or ((step + 1) % s["eval_every"] and not last)
+                   else round(val_loss, 5), "lr": engine.get_lr()[0], "tokens_per_s": round(tokens_per_s, 1)}
+            metrics.write(row)
+            postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if val_loss is not None:
+                postfix["val"] = f"{val_loss:.3f}"
+            if peak:
+                postfix["mfu"] = f"{100 * flops_per_token * tokens_per_s / world / peak:.1f}%"
+            bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+    bar.close()
+    if main:
+        metrics.close()
+        plot_losses(metrics.path, os.path.join(run_dir, "loss.png"),
+                    title=f"zerofuse train: {model_config.num_params() / 1e6:.1f}M params")
+        print(f"[zerofuse train] done: {steps} steps, train loss {train_loss:.4f}, validation loss {val_loss:.4f}",
+              flush=True)
+        print(f"[zerofuse train] wrote {run_dir}/metrics.csv, {run_dir}/loss.png, checkpoints in {ckpt_dir}",
+              flush=True)
+        print(f"[zerofuse train] try: zerofuse sample --run {run_dir} --prompt 'def '", flush=True)
+    return 0
