@@ -12,7 +12,7 @@ from ._version import __version__
 from .flat_plan import FlatPlan
 from .loss_scaler import DynamicLossScaler, StaticLossScaler
 
-_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint", "models")
+_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint", "models", "integrations")
 
 
 def __getattr__(name):
@@ -22,6 +22,10 @@ def __getattr__(name):
         from .runtime import initialize
 
         return initialize
+    if name == "optimize":
+        from .integrations import optimize
+
+        return optimize
     raise AttributeError(f"module 'zerofuse' has no attribute '{name}'")
 
 
@@ -46,6 +50,7 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "initialize",
+    "optimize",
     "ops",
     "nn",
     "optim",
