@@ -1,4 +1,6 @@
-// Times zerofuse's CPU kernels from C++ (no Python): median of repeated calls.
+// Times zerofuse's kernels from C++ (no Python): the CPU kernels with a wall
+// clock, and -- in a CUDA build with a GPU present -- the CUDA kernels with CUDA
+// events on the device's own buffers. Median of repeated calls.
 //   ./zerofuse_bench_kernels [adam_params] [layernorm_rows] [layernorm_width]
 #include <zerofuse/zerofuse.h>
 
@@ -8,6 +10,10 @@
 #include <cstdlib>
 #include <functional>
 #include <vector>
+
+#ifdef ZEROFUSE_BENCH_CUDA
+#include <cuda_runtime.h>
+#endif
 
 using zerofuse::DType;
 using zerofuse::TensorView;
@@ -25,6 +31,64 @@ double median_ms(const std::function<void()>& fn, int repeat = 20) {
   std::nth_element(samples.begin(), samples.begin() + samples.size() / 2, samples.end());
   return samples[samples.size() / 2];
 }
+
+#ifdef ZEROFUSE_BENCH_CUDA
+double median_ms_cuda(const std::function<void()>& fn, int repeat = 50) {
+  for (int i = 0; i < 5; ++i) fn();
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  std::vector<double> samples;
+  for (int i = 0; i < repeat; ++i) {
+    cudaEventRecord(start);
+    fn();
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    samples.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::nth_element(samples.begin(), samples.begin() + samples.size() / 2, samples.end());
+  return samples[samples.size() / 2];
+}
+
+void bench_cuda(std::int64_t n, std::int64_t rows, std::int64_t width) {
+  if (zerofuse::cuda_device_count() == 0) {
+    std::printf("CUDA: %s -- GPU kernels not timed\n", zerofuse::cuda_status().c_str());
+    return;
+  }
+  const zerofuse::Device dev = zerofuse::Device::cuda(0);
+  float *p, *g, *m, *v;
+  for (float** b : {&p, &g, &m, &v}) {
+    cudaMalloc(reinterpret_cast<void**>(b), n * sizeof(float));
+    cudaMemset(*b, 0, n * sizeof(float));
+  }
+  auto flat = [&](float* b) { return TensorView::contiguous(b, DType::Float32, {n}, dev); };
+  zerofuse::AdamConfig cfg;
+  const double adam = median_ms_cuda([&] { zerofuse::adam_step(flat(p), flat(g), flat(m), flat(v), nullptr, cfg); });
+  std::printf("CUDA adam_step  %10lld params  %8.3f ms  %7.1f GB/s (28 B/param)\n", static_cast<long long>(n), adam,
+              28.0 * n / adam / 1e6);
+  void *x, *y, *mean, *rstd;
+  const std::size_t bytes = std::size_t(rows * width) * 2;  // bfloat16
+  cudaMalloc(&x, bytes);
+  cudaMalloc(&y, bytes);
+  cudaMemset(x, 0, bytes);
+  cudaMalloc(&mean, rows * sizeof(float));
+  cudaMalloc(&rstd, rows * sizeof(float));
+  const TensorView xv = TensorView::contiguous(x, DType::BFloat16, {rows, width}, dev);
+  const TensorView yv = TensorView::contiguous(y, DType::BFloat16, {rows, width}, dev);
+  const TensorView mv = TensorView::contiguous(mean, DType::Float32, {rows}, dev);
+  const TensorView rv = TensorView::contiguous(rstd, DType::Float32, {rows}, dev);
+  const double ln = median_ms_cuda([&] { zerofuse::layernorm_forward(xv, nullptr, nullptr, 1e-5f, yv, mv, rv); });
+  std::printf("CUDA layernorm fwd bf16 %lld x %lld  %8.4f ms  %7.1f GB/s\n", static_cast<long long>(rows),
+              static_cast<long long>(width), ln, 2.0 * bytes / ln / 1e6);
+  for (void* b : {static_cast<void*>(p), static_cast<void*>(g), static_cast<void*>(m), static_cast<void*>(v), x, y,
+                  mean, rstd})
+    cudaFree(b);
+}
+#endif
 
 }  // namespace
 
@@ -59,5 +123,8 @@ int main(int argc, char** argv) {
               static_cast<long long>(width), fwd, 8.0 * rows * width / fwd / 1e6);
   std::printf("layernorm bwd   %6lld x %-6lld  %8.3f ms  %6.1f GB/s\n", static_cast<long long>(rows),
               static_cast<long long>(width), bwd, 12.0 * rows * width / bwd / 1e6);
+#ifdef ZEROFUSE_BENCH_CUDA
+  bench_cuda(n, rows, width);
+#endif
   return 0;
 }

@@ -7,6 +7,9 @@
 
 #include "checks.h"
 #include "cpu/kernels.h"
+#ifdef ZEROFUSE_WITH_CUDA
+#include "cuda_kernels.h"
+#endif
 
 namespace zerofuse {
 namespace {
@@ -29,6 +32,11 @@ void check_config(const AdamConfig& c, const char* op, Device device) {
     value_error(op, ": 'clip_coef' must be a finite number >= 0, got ", c.clip_coef);
   if (c.grad_multiplier.data != nullptr) check_scalar_f32(c.grad_multiplier, op, "grad_multiplier", device);
   if (c.skip_if_nonzero.data != nullptr) check_scalar_f32(c.skip_if_nonzero, op, "skip_if_nonzero", device);
+  if (c.step_tensor.data != nullptr) {
+    if (c.step_tensor.dtype != DType::Float64 || c.step_tensor.numel() != 1 || c.step_tensor.device != device)
+      value_error(op, ": argument 'step_tensor' must be a float64 tensor of one element on ", device_name(device),
+                  ", got ", describe(c.step_tensor));
+  }
 }
 
 // `flat`: the single-buffer form, whose arguments are named without an index.
@@ -103,13 +111,19 @@ void check_lists(const AdamTensorLists& t, const char* op, bool flat) {
   }
 }
 
-void dispatch(const AdamTensorLists& t, const AdamConfig& config, Stream, const char* op) {
+void dispatch(const AdamTensorLists& t, const AdamConfig& config, Stream stream, const char* op) {
   if (t.params.empty()) return;
   if (t.params[0].device.is_cpu()) {
     cpu::kernels().adam_step_multi(t, config);
     return;
   }
+#ifdef ZEROFUSE_WITH_CUDA
+  (void)op;
+  cuda::adam_step_multi(t, config, stream);
+#else
+  (void)stream;
   no_cuda_kernel(op);
+#endif
 }
 
 }  // namespace

@@ -4,6 +4,9 @@
 
 #include "checks.h"
 #include "cpu/kernels.h"
+#ifdef ZEROFUSE_WITH_CUDA
+#include "cuda_kernels.h"
+#endif
 #include "memory_hint.h"
 
 namespace zerofuse {
@@ -70,7 +73,7 @@ void check_lse(const TensorView& lse, const TensorView& q, const char* op) {
 
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                        const TensorView* key_padding_mask, const AttentionConfig& config, const TensorView& out,
-                       const TensorView& lse, Stream) {
+                       const TensorView& lse, Stream stream) {
   const char* op = "zerofuse.attention";
   check_qkv(q, k, v, key_padding_mask, config, op);
   check_like(out, q, "q", op, "out");
@@ -80,13 +83,18 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
     cpu::kernels().attention_forward(q, k, v, key_padding_mask, config, out, lse);
     return;
   }
+#ifdef ZEROFUSE_WITH_CUDA
+  cuda::attention_forward(q, k, v, key_padding_mask, config, out, lse, stream);
+#else
+  (void)stream;
   no_cuda_kernel(op);
+#endif
 }
 
 void attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k, const TensorView& v,
                         const TensorView& out, const TensorView& lse, const TensorView* key_padding_mask,
                         const AttentionConfig& config, const TensorView& dq, const TensorView& dk,
-                        const TensorView& dv, Stream) {
+                        const TensorView& dv, Stream stream) {
   const char* op = "zerofuse.attention_backward";
   check_qkv(q, k, v, key_padding_mask, config, op);
   check_like(out, q, "q", op, "out");
@@ -100,7 +108,12 @@ void attention_backward(const TensorView& dout, const TensorView& q, const Tenso
     cpu::kernels().attention_backward(dout, q, k, v, out, lse, key_padding_mask, config, dq, dk, dv);
     return;
   }
+#ifdef ZEROFUSE_WITH_CUDA
+  cuda::attention_backward(dout, q, k, v, out, lse, key_padding_mask, config, dq, dk, dv, stream);
+#else
+  (void)stream;
   no_cuda_kernel(op);
+#endif
 }
 
 }  // namespace zerofuse

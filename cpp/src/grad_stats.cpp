@@ -4,10 +4,13 @@
 
 #include "checks.h"
 #include "cpu/kernels.h"
+#ifdef ZEROFUSE_WITH_CUDA
+#include "cuda_kernels.h"
+#endif
 
 namespace zerofuse {
 
-void grad_stats(const std::vector<TensorView>& grads, const TensorView& out, Stream) {
+void grad_stats(const std::vector<TensorView>& grads, const TensorView& out, Stream stream) {
   using namespace detail;
   const char* op = "zerofuse.grad_stats";
   check_dtype(out, op, "out", {DType::Float32});
@@ -26,7 +29,12 @@ void grad_stats(const std::vector<TensorView>& grads, const TensorView& out, Str
     cpu::kernels().grad_stats(grads, out.data_as<float>());
     return;
   }
+#ifdef ZEROFUSE_WITH_CUDA
+  cuda::grad_stats(grads, out, stream);
+#else
+  (void)stream;
   no_cuda_kernel(op);
+#endif
 }
 
 }  // namespace zerofuse

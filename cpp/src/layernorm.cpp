@@ -4,6 +4,9 @@
 
 #include "checks.h"
 #include "cpu/kernels.h"
+#ifdef ZEROFUSE_WITH_CUDA
+#include "cuda_kernels.h"
+#endif
 #include "memory_hint.h"
 
 namespace zerofuse {
@@ -66,7 +69,7 @@ void check_same_param_dtype(const TensorView* a, const char* a_name, const Tenso
 }  // namespace
 
 void layernorm_forward(const TensorView& x, const TensorView* weight, const TensorView* bias, float eps,
-                       const TensorView& y, const TensorView& mean, const TensorView& rstd, Stream) {
+                       const TensorView& y, const TensorView& mean, const TensorView& rstd, Stream stream) {
   const char* op = "zerofuse.layer_norm";
   check_input(x, op, "input");
   check_affine(weight, x, op, "weight");
@@ -81,12 +84,17 @@ void layernorm_forward(const TensorView& x, const TensorView* weight, const Tens
     cpu::kernels().layernorm_forward(x, weight, bias, eps, y, mean, rstd);
     return;
   }
+#ifdef ZEROFUSE_WITH_CUDA
+  cuda::layernorm_forward(x, weight, bias, eps, y, mean, rstd, stream);
+#else
+  (void)stream;
   no_cuda_kernel(op);
+#endif
 }
 
 void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorView* weight,
                         const TensorView& mean, const TensorView& rstd, const TensorView& dx,
-                        const TensorView* dweight, const TensorView* dbias, Stream) {
+                        const TensorView* dweight, const TensorView* dbias, Stream stream) {
   const char* op = "zerofuse.layer_norm_backward";
   check_input(x, op, "input");
   check_like(dy, x, op, "grad_out");
@@ -106,7 +114,12 @@ void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorV
     cpu::kernels().layernorm_backward(dy, x, weight, mean, rstd, dx, dweight, dbias);
     return;
   }
+#ifdef ZEROFUSE_WITH_CUDA
+  cuda::layernorm_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, stream);
+#else
+  (void)stream;
   no_cuda_kernel(op);
+#endif
 }
 
 }  // namespace zerofuse

@@ -39,6 +39,10 @@ struct AdamConfig {
   // float32 tensor of one element, or has data == nullptr when unused.
   TensorView grad_multiplier;   // multiplies the gradient, on top of inv_scale * clip_coef
   TensorView skip_if_nonzero;   // when its value is not 0, nothing is written
+  // A float64 tensor of one element holding the step count (replaces `step`):
+  // the step-control state's applied-steps entry, so the count advances on the
+  // device exactly when a step is applied.
+  TensorView step_tensor;
 };
 
 // One flat buffer: param float32; grad float32/float16/bfloat16; exp_avg and

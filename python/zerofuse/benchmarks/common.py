@@ -106,7 +106,8 @@ def write_results(what: str, device: str, results: dict, out_dir: str = None) ->
         "results": results,
     }
     os.makedirs(out_dir, exist_ok=True)
-    name = f"{device}-{what}-{record['date']}.json"
+    prefix = "cpu" if device == "cpu" else "".join(ch if ch.isalnum() else "-" for ch in record["device"].lower())
+    name = f"{prefix}-{what}-{record['date']}.json"
     path = os.path.join(out_dir, name)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:

@@ -125,15 +125,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         device whether to apply it; the host learns the outcome in sync_host()."""
         if closure is not None:
             raise RuntimeError("zerofuse's optimizer is stepped by the engine (engine.step()); closures are not supported")
-        self.sync_host()
         self.reducer.wait()
         stream = stream_of(self.stats)
         _C.grad_stats(self.all_grad_views, self.stats, stream)
         if self.partition_world > 1:
             dist.all_reduce(self.stats, op=dist.ReduceOp.SUM, group=self.placement.group)
         _C.step_control(self.stats, self.step_state, self.step_out, stream=stream, **self._control_kwargs())
-        step = int(self.host_state[STATE_APPLIED].item()) + 1  # Adam's count if this step is applied
+        # Adam's step count, multiplier and skip flag are read on the device, where
+        # step_control just wrote them: nothing here waits for the device.
         multiplier, skip = self.step_out[OUT_MULTIPLIER:OUT_MULTIPLIER + 1], self.step_out[OUT_SKIP:OUT_SKIP + 1]
+        step_count = self.step_state[STATE_APPLIED:STATE_APPLIED + 1]
         for group, views in zip(self.param_groups, self.group_views):
             if not views["params"]:
                 continue
@@ -143,7 +144,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 views["copies"] if self.mixed else None,
                 lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]), adam_w_mode=bool(group["adam_w_mode"]),
-                bias_correction=bool(group["bias_correction"]), step=step,
+                bias_correction=bool(group["bias_correction"]), step=1, step_tensor=step_count,
                 grad_multiplier=multiplier, skip_if_nonzero=skip, stream=stream)
         self._all_gather_params()
         if self.flat_grads is not None:

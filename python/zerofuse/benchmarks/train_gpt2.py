@@ -1,0 +1,112 @@
+"""GPT-2 124M training step on one GPU: zerofuse's engine (bf16 parameters, fused
+LayerNorm / attention / optimizer) against the same model in plain PyTorch
+(fp32 parameters, bf16 autocast, SDPA, fused AdamW, gradient clipping), in the
+same run: tokens/s, model FLOP utilisation and peak memory.
+
+    python bench/train_gpt2.py       # writes bench/results/<device>-train_gpt2-<date>.json
+"""
+import argparse
+import contextlib
+import io
+import time
+
+import torch
+
+import zerofuse
+from zerofuse.models import GPT, GPTConfig
+
+from .common import write_results
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def batches(steps, batch, seq, vocab):
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, vocab, (steps + 2, batch, seq + 1), generator=g)
+    return [(d[:, :-1].cuda(), d[:, 1:].cuda()) for d in data]
+
+
+def run_engine(config, data, warmup):
+    torch.manual_seed(0)  # the same initial weights on both sides
+    model = GPT(config)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = zerofuse.initialize(model=model, model_parameters=model.param_groups(0.1), config={
+            "train_micro_batch_size_per_gpu": data[0][0].shape[0], "gradient_clipping": 1.0,
+            "steps_per_print": 10**9, "bf16": {"enabled": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8}},
+            "zero_optimization": {"stage": 1}})
+    losses = []
+    for i, (x, y) in enumerate(data):
+        if i == warmup:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, [float(l) for l in losses]
+
+
+def run_torch(config, data, warmup):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**config.__dict__, "fused": False})).cuda()
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    losses = []
+    for i, (x, y) in enumerate(data):
+        if i == warmup:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, [float(l) for l in losses]
+
+
+def measure(name, fn, config, data, warmup):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    seconds, losses = fn(config, data, warmup)
+    steps = len(data) - warmup
+    tokens = steps * data[0][0].numel()
+    tps = tokens / seconds
+    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
+    r = {"tokens_per_s": round(tps), "ms_per_step": round(1e3 * seconds / steps, 2),
+         "peak_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+         "first_losses": [round(l, 4) for l in losses[:3]], "last_loss": round(losses[-1], 4)}
+    if peak:
+        r["mfu_pct"] = round(100 * config.flops_per_token(data[0][0].shape[1]) * tps / peak, 1)
+    print(f"{name:>8}: {r['tokens_per_s']:>9,} tokens/s, {r['ms_per_step']:.1f} ms/step, "
+          f"peak {r['peak_memory_GiB']} GiB" + (f", MFU {r['mfu_pct']}%" if peak else ""))
+    return r
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="a 2-layer model, a few steps")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    config = GPTConfig(n_layer=2 if args.quick else 12)
+    steps = 5 if args.quick else args.steps
+    data = batches(steps + 5, args.batch, config.block_size, config.vocab_size)
+    zf = measure("zerofuse", run_engine, config, data, warmup=5)
+    pt = measure("torch", run_torch, config, data, warmup=5)
+    results = {"gpt2_124M/B16_T1024/bf16": {
+        "zerofuse": zf, "peer": pt, "peer_name": "torch eager: bf16 autocast, SDPA, AdamW(fused), clip",
+        "speedup": round(zf["tokens_per_s"] / pt["tokens_per_s"], 3),
+        "max_error": abs(zf["first_losses"][0] - pt["first_losses"][0])}}
+    print(f"speedup {results['gpt2_124M/B16_T1024/bf16']['speedup']}x")
+    if not args.no_write:
+        print("wrote", write_results("train_gpt2", "cuda", results, args.out))
+
+
+if __name__ == "__main__":
+    main()

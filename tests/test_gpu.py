@@ -1,0 +1,191 @@
+"""The CUDA kernels against the same float64 references as the CPU ones, with
+every output poisoned (NaN) before the call so an element left unwritten
+fails; and the engine on a GPU (NCCL at world size 1). Run with `pytest -m gpu`."""
+import contextlib
+import io
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zerofuse
+from zerofuse import _C
+from zerofuse.ops import attention, grad_stats, layer_norm
+
+from conftest import FLOAT_DTYPES, assert_close
+from test_adam import HYPER, reference_step
+from test_attention import reference as attention_reference
+
+pytestmark = pytest.mark.gpu
+CUDA = "cuda"
+
+
+def nan_like(t):
+    return torch.full_like(t, float("nan"))
+
+
+@pytest.mark.parametrize("grad_dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("copy_dtype", [None, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3, 4097, 1_000_003])
+def test_adam_flat(grad_dtype, copy_dtype, n):
+    p, m, v = torch.randn(n, device=CUDA), torch.randn(n, device=CUDA) * 0.1, torch.rand(n, device=CUDA) * 0.01
+    g = (torch.randn(n, device=CUDA) * 1000).to(grad_dtype)
+    copy = torch.full((n,), float("nan"), dtype=copy_dtype, device=CUDA) if copy_dtype else None
+    kw = dict(HYPER, adam_w_mode=True, bias_correction=True, step=7)
+    expected = reference_step(p, g, m, v, grad_scale=1e-3 * 0.5, **kw)
+    _C.adam_step(p, g, m, v, copy, inv_scale=1e-3, clip_coef=0.5, **kw)
+    for got, want in zip((p, m, v), expected):
+        assert_close(got, want, torch.float32, factor=64)
+    if copy is not None:
+        assert torch.equal(copy, p.to(copy_dtype))
+
+
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float32)])
+def test_adam_multi_tensor_unaligned_and_device_scalars(dtype, state_dtype):
+    # Views at odd offsets: the unvectorised path.
+    base = [torch.randn(s + 1, device=CUDA).to(dtype) for s in (1, 3, 4097, 70_001)]
+    ps = [b[1:] for b in base]
+    gs = [torch.randn_like(p) for p in ps]
+    ms = [torch.zeros_like(p, dtype=state_dtype) for p in ps]
+    vs = [torch.zeros_like(p, dtype=state_dtype) for p in ps]
+    step = torch.tensor([3.0], dtype=torch.float64, device=CUDA)
+    kw = dict(HYPER, adam_w_mode=False, bias_correction=True, step=1)
+    expected = [reference_step(p, g, m, v, grad_scale=0.25, **dict(kw, step=3)) for p, g, m, v in zip(ps, gs, ms, vs)]
+    _C.adam_step_multi(ps, gs, ms, vs, grad_multiplier=torch.tensor([0.25], device=CUDA),
+                       skip_if_nonzero=torch.zeros(1, device=CUDA), step_tensor=step, **kw)
+    for p, (want, _, _) in zip(ps, expected):
+        assert_close(p, want, dtype, factor=2 if dtype != torch.float32 else 64)
+    before = [p.clone() for p in ps]
+    _C.adam_step_multi(ps, gs, ms, vs, skip_if_nonzero=torch.ones(1, device=CUDA), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+
+
+def test_fused_adam_on_cuda_matches_torch_adamw():
+    params = [torch.randn(s, device=CUDA) for s in ((33, 17), (4097,), (1,))]
+    ref = [torch.nn.Parameter(p.clone()) for p in params]
+    mine = [torch.nn.Parameter(p.clone()) for p in params]
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
+    opt = zerofuse.optim.FusedAdam(mine, lr=1e-2, weight_decay=0.1)
+    for _ in range(20):
+        for a, b in zip(ref, mine):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ref_opt.step()
+        opt.step()
+    for a, b in zip(ref, mine):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_grad_stats_sum_flag_and_determinism(dtype):
+    tensors = [(torch.randn(n, device=CUDA) * 3).to(dtype) for n in (1, 3, 100_003, 4_000_000)]
+    out = nan_like(torch.empty(2, device=CUDA))
+    grad_stats(tensors, out)
+    expected = sum(float((t.double() ** 2).sum()) for t in tensors)
+    assert out[0].item() == pytest.approx(expected, rel=1e-5) and out[1].item() == 0.0
+    again = grad_stats(tensors)
+    assert torch.equal(out, again)  # the same bits
+    tensors[3][1234567] = float("nan")
+    assert grad_stats(tensors)[1].item() == 1.0
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 768), (5, 4097), (33, 1001), (16384, 768)])
+@pytest.mark.parametrize("param_dtype", ["same", "float32"])
+def test_layer_norm(dtype, shape, param_dtype):
+    rows, d = shape
+    pd = dtype if param_dtype == "same" else torch.float32
+    x = (torch.randn(rows, d, device=CUDA) * 2 + 0.5).to(dtype)
+    w = (torch.randn(d, device=CUDA) + 1).to(pd)
+    b = torch.randn(d, device=CUDA).to(pd)
+    dy = torch.randn(rows, d, device=CUDA).to(dtype)
+    y, mean, rstd = nan_like(x), torch.full((rows,), float("nan"), device=CUDA), torch.full((rows,), float("nan"),
+                                                                                              device=CUDA)
+    _C.layer_norm_forward(x, w, b, 1e-5, y, mean, rstd)
+    dx, dw, db = nan_like(x), nan_like(w), nan_like(b)
+    _C.layer_norm_backward(dy, x, w, mean, rstd, dx, dw, db)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    y64 = F.layer_norm(x64, (d,), w64, b64, 1e-5)
+    y64.backward(dy.double())
+    g = dy.double() * w.double()
+    rstd64 = 1.0 / torch.sqrt(x.double().var(-1, unbiased=False) + 1e-5)
+    assert_close(y, y64, dtype, what="y")
+    assert_close(dx, x64.grad, dtype, factor=8, what="dx", scale=(g.abs().max() * rstd64.max()).item())
+    assert_close(dw, w64.grad, pd, factor=64 if pd == torch.float32 else 8, what="dweight")
+    assert_close(db, b64.grad, pd, factor=64 if pd == torch.float32 else 8, what="dbias")
+
+
+def test_layer_norm_op_autograd_on_cuda():
+    x = torch.randn(4, 7, 33, device=CUDA, requires_grad=True)
+    ln = zerofuse.nn.LayerNorm(33).to(CUDA)
+    ln(x).sum().backward()
+    ref = torch.nn.LayerNorm(33).to(CUDA)
+    xr = x.detach().clone().requires_grad_()
+    ref(xr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_step_control_matches_the_cpu():
+    cfg = dict(dynamic_loss_scale=True, initial_scale_power=5, loss_scale_window=3, hysteresis=2,
+               consecutive_hysteresis=False, min_loss_scale=1.0, max_grad_norm=1.0)
+    states = {d: torch.zeros(_C.STEP_STATE_SIZE, dtype=torch.float64, device=d) for d in ("cpu", CUDA)}
+    outs = {d: torch.zeros(_C.STEP_OUTPUT_SIZE, device=d) for d in ("cpu", CUDA)}
+    for d in states:
+        _C.step_control_init(states[d], static_scale=1.0, **cfg)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        stats = torch.tensor([float(torch.rand(1, generator=g)) * 1e4, float(torch.rand(1, generator=g) < 0.2)])
+        for d in states:
+            _C.step_control(stats.to(d), states[d], outs[d], **cfg)
+        assert torch.equal(states["cpu"], states[CUDA].cpu())
+        torch.testing.assert_close(outs["cpu"], outs[CUDA].cpu(), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 16), (1, 2, 129, 65, 64), (2, 2, 200, 200, 128), (1, 1, 33, 47, 80)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_attention(dtype, causal, shape):
+    b, h, sq, sk, d = shape
+    q, k, v = (torch.randn(b, h, n, d, device=CUDA).to(dtype) for n in (sq, sk, sk))
+    mask = torch.rand(b, sk, device=CUDA) > 0.2
+    mask[0, :3] = False
+    out, lse = nan_like(q), torch.full((b, h, sq), float("nan"), device=CUDA)
+    scale = d ** -0.5
+    _C.attention_forward(q, k, v, mask, causal, scale, out, lse)
+    dout = torch.randn_like(out)
+    dq, dk, dv = nan_like(q), nan_like(k), nan_like(v)
+    _C.attention_backward(dout, q, k, v, out, lse, mask, causal, scale, dq, dk, dv)
+    ref, (q64, k64, v64) = attention_reference(q.cpu(), k.cpu(), v.cpu(), causal, mask.cpu(), scale)
+    ref.backward(dout.double().cpu())
+    assert_close(out, ref, dtype, factor=8, what="out")
+    for got, want, what in ((dq, q64.grad, "dq"), (dk, k64.grad, "dk"), (dv, v64.grad, "dv")):
+        assert_close(got, want, dtype, factor=16, what=what)
+
+
+def test_attention_op_with_strided_inputs_on_cuda():
+    qkv = torch.randn(2, 37, 3, 4, 32, device=CUDA, requires_grad=True)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    out = attention(q, k, v, causal=True)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_engine_on_one_gpu_with_nccl():
+    import torch.distributed as dist
+
+    from test_engine_zero import reference, train_all_cases
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29611", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device(CUDA, 0))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            results = train_all_cases(0, 1)
+    finally:
+        dist.destroy_process_group()
+    for (stage, dtype), (losses, master, _) in results.items():
+        ref_losses, ref_master, initial = reference(dtype, 1)
+        tol = 1e-4 if dtype == "fp32" else 2e-2
+        assert losses == pytest.approx(ref_losses, rel=tol), f"stage {stage} {dtype}"
