@@ -126,6 +126,19 @@ decltype(auto) dispatch_float(DType dtype, Fn&& fn) {
   }
 }
 
+// --- multi-tensor launches ------------------------------------------------------------------
+
+// Blocks of a launch cover several tensors; first_block[i] is tensor i's first
+// block. Returns the tensor of this block: the last i with first_block[i] <= blockIdx.x.
+__device__ __forceinline__ int segment_of_block(const std::int64_t* first_block, int count) {
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (first_block[mid] <= std::int64_t(blockIdx.x)) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
 // --- reductions -------------------------------------------------------------------------------------
 
 __device__ __forceinline__ float warp_sum(float v) {

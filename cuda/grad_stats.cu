@@ -54,11 +54,7 @@ __device__ void chunk_stats(const T* x, std::int64_t begin, std::int64_t end, bo
 
 __global__ void __launch_bounds__(kThreads) partial_stats(const __grid_constant__ Launch launch, float* partial_sum,
                                                           int* partial_bad) {
-  int lo = 0, hi = launch.count - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (launch.first_block[mid] <= std::int64_t(blockIdx.x)) lo = mid; else hi = mid - 1;
-  }
+  const int lo = segment_of_block(launch.first_block, launch.count);
   const Segment& s = launch.seg[lo];
   const std::int64_t begin = (std::int64_t(blockIdx.x) - launch.first_block[lo]) * kChunk;
   const std::int64_t end = begin + kChunk < s.n ? begin + kChunk : s.n;

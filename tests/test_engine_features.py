@@ -137,6 +137,28 @@ def test_param_groups_and_a_torch_optimizer_are_honoured():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=n)
 
 
+def _subgroup_and_comm_dtype(rank, world):
+    """Data parallel inside a larger layout (a process_group given), and bf16
+    gradients reduced in fp32 (communication_data_type)."""
+    group = dist.new_group(list(range(world)))
+    cfg = base_config(train_micro_batch_size_per_gpu=2, bf16={"enabled": True}, communication_data_type="fp32",
+                      zero_optimization={"stage": 2, "reduce_bucket_size": 700})
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = zerofuse.initialize(model=TinyGPT(), config=cfg, process_group=group)
+    assert engine.optimizer.reducer.comm_dtype == torch.float32 and engine.placement.group is group
+    cfg.pop("communication_data_type")
+    plain = make_engine(cfg)
+    losses = [train(e, 3, 2, rank, world) for e in (engine, plain)]
+    return losses, gather_master(engine), gather_master(plain)
+
+
+def test_process_group_and_fp32_communication_of_bf16_gradients():
+    (ours, plain), master, plain_master = run_world(2, _subgroup_and_comm_dtype)
+    assert ours == pytest.approx(plain, rel=2e-2)
+    moved = torch.cat([(master[n] - plain_master[n]).flatten() for n in master])
+    assert moved.abs().max() < 2e-2  # the same training, up to bf16 rounding of the reduction
+
+
 def _memory(rank, world, stage):
     engine = make_engine({"train_micro_batch_size_per_gpu": 2, "steps_per_print": 1000, "bf16": {"enabled": True},
                           "zero_optimization": {"stage": stage, "reduce_bucket_size": 1024}})
