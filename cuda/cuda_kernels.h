@@ -7,6 +7,8 @@
 
 #include "zerofuse/adam.h"
 #include "zerofuse/attention.h"
+#include "zerofuse/bias_gelu.h"
+#include "zerofuse/cross_entropy.h"
 #include "zerofuse/step_control.h"
 #include "zerofuse/stream.h"
 #include "zerofuse/tensor.h"
@@ -15,11 +17,12 @@ namespace zerofuse::cuda {
 
 void adam_step_multi(const AdamTensorLists& tensors, const AdamConfig& config, Stream stream);
 void grad_stats(const std::vector<TensorView>& grads, const TensorView& out, Stream stream);
-void layernorm_forward(const TensorView& x, const TensorView* weight, const TensorView* bias, float eps,
-                       const TensorView& y, const TensorView& mean, const TensorView& rstd, Stream stream);
+void layernorm_forward(const TensorView& x, const TensorView* residual, const TensorView* weight,
+                       const TensorView* bias, float eps, const TensorView* sum, const TensorView& y,
+                       const TensorView& mean, const TensorView& rstd, Stream stream);
 void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorView* weight, const TensorView& mean,
-                        const TensorView& rstd, const TensorView& dx, const TensorView* dweight,
-                        const TensorView* dbias, Stream stream);
+                        const TensorView& rstd, const TensorView* grad_sum, const TensorView& dx,
+                        const TensorView* dweight, const TensorView* dbias, Stream stream);
 void step_control_init(const TensorView& state, const double* values, Stream stream);
 void step_control(const TensorView& stats, const TensorView& state, const TensorView& out,
                   const StepControlConfig& config, Stream stream);
@@ -29,5 +32,15 @@ void attention_backward(const TensorView& dout, const TensorView& q, const Tenso
                         const TensorView& out, const TensorView& lse, const TensorView* mask,
                         const AttentionConfig& config, const TensorView& dq, const TensorView& dk,
                         const TensorView& dv, Stream stream);
+
+void cross_entropy_forward(const TensorView& logits, const TensorView& target, const CrossEntropyConfig& config,
+                           const TensorView& loss, const TensorView& lse, Stream stream);
+void cross_entropy_backward(const TensorView& logits, const TensorView& target, const TensorView& lse,
+                            const TensorView& grad, const CrossEntropyConfig& config, const TensorView& dlogits,
+                            Stream stream);
+void bias_gelu_forward(const TensorView& x, const TensorView& bias, GeluApproximation approximate,
+                       const TensorView& y, Stream stream);
+void bias_gelu_backward(const TensorView& dy, const TensorView& x, const TensorView& bias,
+                        GeluApproximation approximate, const TensorView& dx, const TensorView* dbias, Stream stream);
 
 }  // namespace zerofuse::cuda

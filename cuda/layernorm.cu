@@ -41,14 +41,34 @@ __device__ __forceinline__ float param_at(const W* p, int c, float absent) {
   return p ? to_float(p[c]) : absent;
 }
 
+// With a residual, the row normalised is sum = x + residual, rounded to T and
+// written first; every lane then re-reads only the elements it wrote itself.
 template <typename T, typename W, bool Vec>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    ln_forward(const T* x, const W* w, const W* b, float eps, T* y, float* mean_out, float* rstd_out,
-               std::int64_t rows, int d) {
+    ln_forward(const T* x, const T* residual, const W* w, const W* b, float eps, T* sum_out, T* y, float* mean_out,
+               float* rstd_out, std::int64_t rows, int d) {
   const std::int64_t row = std::int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (row >= rows) return;
   const T* xr = x + row * d;
   T* yr = y + row * d;
+  if (residual) {
+    T* sr = sum_out + row * d;
+    const T* rr = residual + row * d;
+    const int lane = threadIdx.x % 32;
+    if constexpr (Vec) {
+      for (int c = 4 * lane; c < d; c += 128) {
+        float a[4], r[4];
+        load4(xr + c, a);
+        load4(rr + c, r);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) a[j] += r[j];
+        store4(sr + c, a);
+      }
+    } else {
+      for (int c = lane; c < d; c += 32) sr[c] = from_float<T>(to_float(xr[c]) + to_float(rr[c]));
+    }
+    xr = sr;
+  }
   float sum = 0.0f;
   for_row<T, Vec>(xr, d, [&](int, float v) { sum += v; });
   const float mean = warp_sum(sum) / float(d);
@@ -74,14 +94,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
+// grad_sum (may be null) is added to dx (add + LayerNorm's backward).
 template <typename T, typename W, bool Vec>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    ln_backward_dx(const T* dy, const T* x, const W* w, const float* mean_in, const float* rstd_in, T* dx,
-                   std::int64_t rows, int d) {
+    ln_backward_dx(const T* dy, const T* x, const W* w, const float* mean_in, const float* rstd_in,
+                   const T* grad_sum, T* dx, std::int64_t rows, int d) {
   const std::int64_t row = std::int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (row >= rows) return;
   const T* xr = x + row * d;
   const T* dyr = dy + row * d;
+  const T* gsr = grad_sum ? grad_sum + row * d : nullptr;
   T* dxr = dx + row * d;
   const float mean = mean_in[row], rstd = rstd_in[row];
   const int lane = threadIdx.x % 32;
@@ -109,18 +131,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const float mean_g = warp_sum(sum_g) / float(d), mean_gx = warp_sum(sum_gx) / float(d);
   if constexpr (Vec) {
     for (int c = 4 * lane; c < d; c += 128) {
-      float xv[4], gv[4], o[4];
+      float xv[4], gv[4], o[4], extra[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       load4(xr + c, xv);
       load4(dyr + c, gv);
+      if (gsr) load4(gsr + c, extra);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        o[j] = rstd * (gv[j] * param_at(w, c + j, 1.0f) - mean_g - (xv[j] - mean) * rstd * mean_gx);
+        o[j] = rstd * (gv[j] * param_at(w, c + j, 1.0f) - mean_g - (xv[j] - mean) * rstd * mean_gx) + extra[j];
       store4(dxr + c, o);
     }
   } else {
     for (int c = lane; c < d; c += 32) {
       const float xhat = (to_float(xr[c]) - mean) * rstd;
-      dxr[c] = from_float<T>(rstd * (to_float(dyr[c]) * param_at(w, c, 1.0f) - mean_g - xhat * mean_gx));
+      const float extra = gsr ? to_float(gsr[c]) : 0.0f;
+      dxr[c] = from_float<T>(rstd * (to_float(dyr[c]) * param_at(w, c, 1.0f) - mean_g - xhat * mean_gx) + extra);
     }
   }
 }
@@ -168,14 +192,15 @@ bool vectorizable(int d, std::initializer_list<const TensorView*> views) {
 
 }  // namespace
 
-void layernorm_forward(const TensorView& x, const TensorView* weight, const TensorView* bias, float eps,
-                       const TensorView& y, const TensorView& mean, const TensorView& rstd, Stream s) {
+void layernorm_forward(const TensorView& x, const TensorView* residual, const TensorView* weight,
+                       const TensorView* bias, float eps, const TensorView* sum, const TensorView& y,
+                       const TensorView& mean, const TensorView& rstd, Stream s) {
   DeviceGuard guard(x.device);
   const int d = int(x.shape[x.ndim - 1]);
   const std::int64_t rows = x.numel() / d;
   if (rows == 0) return;
   const unsigned blocks = unsigned((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  const bool vec = vectorizable(d, {&x, &y, weight, bias});
+  const bool vec = vectorizable(d, {&x, &y, weight, bias, residual, sum});
   dispatch_float(x.dtype, [&](auto xt) {
     using T = decltype(xt);
     dispatch_float(param_dtype(weight, bias), [&](auto wt) {
@@ -183,21 +208,22 @@ void layernorm_forward(const TensorView& x, const TensorView* weight, const Tens
       const W* w = weight ? weight->data_as<const W>() : nullptr;
       const W* b = bias ? bias->data_as<const W>() : nullptr;
       auto kernel = vec ? ln_forward<T, W, true> : ln_forward<T, W, false>;
-      kernel<<<blocks, kWarpsPerBlock * 32, 0, stream_of(s)>>>(x.data_as<const T>(), w, b, eps, y.data_as<T>(),
-                                                              mean.data_as<float>(), rstd.data_as<float>(), rows, d);
+      kernel<<<blocks, kWarpsPerBlock * 32, 0, stream_of(s)>>>(
+          x.data_as<const T>(), residual ? residual->data_as<const T>() : nullptr, w, b, eps,
+          sum ? sum->data_as<T>() : nullptr, y.data_as<T>(), mean.data_as<float>(), rstd.data_as<float>(), rows, d);
       ZF_CUDA_CHECK_LAUNCH("ln_forward");
     });
   });
 }
 
 void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorView* weight, const TensorView& mean,
-                        const TensorView& rstd, const TensorView& dx, const TensorView* dweight,
-                        const TensorView* dbias, Stream s) {
+                        const TensorView& rstd, const TensorView* grad_sum, const TensorView& dx,
+                        const TensorView* dweight, const TensorView* dbias, Stream s) {
   DeviceGuard guard(x.device);
   const cudaStream_t stream = stream_of(s);
   const int d = int(x.shape[x.ndim - 1]);
   const std::int64_t rows = x.numel() / d;
-  const bool vec = vectorizable(d, {&x, &dy, &dx, weight});
+  const bool vec = vectorizable(d, {&x, &dy, &dx, weight, grad_sum});
   dispatch_float(x.dtype, [&](auto xt) {
     using T = decltype(xt);
     dispatch_float(param_dtype(dweight ? dweight : weight, dbias), [&](auto wt) {
@@ -207,7 +233,8 @@ void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorV
         auto kernel = vec ? ln_backward_dx<T, W, true> : ln_backward_dx<T, W, false>;
         kernel<<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
             dy.data_as<const T>(), x.data_as<const T>(), weight ? weight->data_as<const W>() : nullptr,
-            mean.data_as<const float>(), rstd.data_as<const float>(), dx.data_as<T>(), rows, d);
+            mean.data_as<const float>(), rstd.data_as<const float>(),
+            grad_sum ? grad_sum->data_as<const T>() : nullptr, dx.data_as<T>(), rows, d);
         ZF_CUDA_CHECK_LAUNCH("ln_backward_dx");
       }
       if (!dweight && !dbias) return;

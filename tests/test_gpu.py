@@ -189,3 +189,63 @@ def test_engine_on_one_gpu_with_nccl():
         ref_losses, ref_master, initial = reference(dtype, 1)
         tol = 1e-4 if dtype == "fp32" else 2e-2
         assert losses == pytest.approx(ref_losses, rel=tol), f"stage {stage} {dtype}"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("v", [1, 3, 50257, 50304])
+def test_cross_entropy_kernels(dtype, v):
+    n = 64
+    logits = (torch.randn(n, v, device=CUDA) * 3).to(dtype)
+    target = torch.randint(0, v, (n,), device=CUDA)
+    target[5] = -100
+    loss, lse = torch.full((n,), float("nan"), device=CUDA), torch.full((n,), float("nan"), device=CUDA)
+    _C.cross_entropy_forward(logits, target, -100, 0.1, loss, lse)
+    ref = F.cross_entropy(logits.double(), target, reduction="none", label_smoothing=0.1)
+    assert_close(loss, ref, torch.float32, factor=64)
+    grad = torch.randn(n, device=CUDA)
+    dlogits = nan_like(logits)
+    _C.cross_entropy_backward(logits, target, lse, grad, -100, 0.1, dlogits)
+    x64 = logits.double().requires_grad_()
+    F.cross_entropy(x64, target, reduction="none", label_smoothing=0.1).backward(grad.double())
+    assert_close(dlogits, x64.grad, dtype, factor=4)
+    _C.cross_entropy_backward(logits, target, lse, grad, -100, 0.1, logits)  # in place
+    assert torch.equal(logits, dlogits)
+
+
+def test_linear_cross_entropy_on_cuda_matches_unfused():
+    hidden = torch.randn(300, 64, device=CUDA, requires_grad=True)
+    weight = torch.randn(1000, 64, device=CUDA, requires_grad=True)
+    target = torch.randint(0, 1000, (300,), device=CUDA)
+    zerofuse.ops.linear_cross_entropy(hidden, weight, target, chunk_size=64).backward()
+    h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    F.cross_entropy(h @ w.T, target).backward()
+    assert_close(hidden.grad, h.grad, torch.float32, factor=64)
+    assert_close(weight.grad, w.grad, torch.float32, factor=64)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_bias_gelu_kernels(dtype, approximate):
+    x = (torch.randn(1000, 3075, device=CUDA) * 3).to(dtype)
+    b = torch.randn(3075, device=CUDA).to(dtype)
+    y = nan_like(x)
+    _C.bias_gelu_forward(x, b, approximate, y)
+    assert_close(y, F.gelu(x.double() + b.double(), approximate=approximate), dtype, factor=8)
+    dy = torch.randn_like(x)
+    dx, db = nan_like(x), nan_like(b)
+    _C.bias_gelu_backward(dy, x, b, approximate, dx, db)
+    x64, b64 = x.double().requires_grad_(), b.double().requires_grad_()
+    F.gelu(x64 + b64, approximate=approximate).backward(dy.double())
+    assert_close(dx, x64.grad, dtype, factor=16)
+    assert_close(db, b64.grad, dtype, factor=64)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_add_layer_norm_kernels(dtype):
+    x, r = (torch.randn(777, 768, device=CUDA).to(dtype) for _ in range(2))
+    w, b = torch.randn(768, device=CUDA).to(dtype), torch.randn(768, device=CUDA).to(dtype)
+    total, out = nan_like(x), nan_like(x)
+    mean, rstd = torch.full((777,), float("nan"), device=CUDA), torch.full((777,), float("nan"), device=CUDA)
+    _C.add_layer_norm_forward(x, r, w, b, 1e-5, total, out, mean, rstd)
+    assert torch.equal(total, x + r)
+    assert_close(out, F.layer_norm(total.double(), (768,), w.double(), b.double()), dtype)

@@ -5,8 +5,11 @@
 #include <pybind11/stl.h>
 
 #include "tensor_args.h"
+#include "zerofuse/error.h"
 #include "zerofuse/adam.h"
 #include "zerofuse/attention.h"
+#include "zerofuse/bias_gelu.h"
+#include "zerofuse/cross_entropy.h"
 #include "zerofuse/grad_stats.h"
 #include "zerofuse/layernorm.h"
 #include "zerofuse/step_control.h"
@@ -36,6 +39,12 @@ AdamConfig adam_config(Args& a, double lr, double beta1, double beta2, double ep
   if (auto v = a.optional(skip_if_nonzero, "skip_if_nonzero")) c.skip_if_nonzero = *v;
   if (auto v = a.optional(step_tensor, "step_tensor")) c.step_tensor = *v;
   return c;
+}
+
+GeluApproximation gelu_approximation(const std::string& name) {
+  if (name == "tanh") return GeluApproximation::Tanh;
+  if (name == "none") return GeluApproximation::None;
+  zerofuse::value_error("zerofuse.bias_gelu: 'approximate' must be \"none\" or \"tanh\", got \"", name, "\"");
 }
 
 StepControlConfig step_control_config(bool dynamic_loss_scale, int initial_scale_power,
@@ -221,6 +230,92 @@ void bind_kernels(py::module_& m) {
       arg("grad_out"), arg("q"), arg("k"), arg("v"), arg("out"), arg("lse"), arg("key_padding_mask"),
       arg("causal"), arg("scale"), arg("grad_q"), arg("grad_k"), arg("grad_v"), arg("stream") = py::none(),
       "Blocked softmax attention backward (see zerofuse/attention.h).");
+
+  m.def(
+      "cross_entropy_forward",
+      [](py::handle logits, py::handle target, std::int64_t ignore_index, double label_smoothing, py::handle loss,
+         py::handle lse, py::handle stream) {
+        Args a("zerofuse.cross_entropy");
+        const TensorView x = a.tensor(logits, "logits"), t = a.tensor(target, "target"),
+                         l = a.tensor(loss, "loss", true), z = a.tensor(lse, "lse", true);
+        const Stream s = a.stream(stream, x.device);
+        py::gil_scoped_release nogil;
+        cross_entropy_forward(x, t, CrossEntropyConfig{ignore_index, label_smoothing}, l, z, s);
+      },
+      arg("logits"), arg("target"), arg("ignore_index"), arg("label_smoothing"), arg("loss"), arg("lse"),
+      arg("stream") = py::none(), "Per-row softmax cross-entropy and logsumexp (see zerofuse/cross_entropy.h).");
+  m.def(
+      "cross_entropy_backward",
+      [](py::handle logits, py::handle target, py::handle lse, py::handle grad, std::int64_t ignore_index,
+         double label_smoothing, py::handle grad_logits, py::handle stream) {
+        Args a("zerofuse.cross_entropy_backward");
+        const TensorView x = a.tensor(logits, "logits"), t = a.tensor(target, "target"), z = a.tensor(lse, "lse"),
+                         g = a.tensor(grad, "grad"), dx = a.tensor(grad_logits, "grad_logits", true);
+        const Stream s = a.stream(stream, x.device);
+        py::gil_scoped_release nogil;
+        cross_entropy_backward(x, t, z, g, CrossEntropyConfig{ignore_index, label_smoothing}, dx, s);
+      },
+      arg("logits"), arg("target"), arg("lse"), arg("grad"), arg("ignore_index"), arg("label_smoothing"),
+      arg("grad_logits"), arg("stream") = py::none(),
+      "Gradient of the per-row losses; grad_logits may be the logits tensor itself.");
+  m.def(
+      "bias_gelu_forward",
+      [](py::handle x, py::handle bias, const std::string& approximate, py::handle out, py::handle stream) {
+        Args a("zerofuse.bias_gelu");
+        const GeluApproximation approx = gelu_approximation(approximate);
+        const TensorView xv = a.tensor(x, "input"), b = a.tensor(bias, "bias"), y = a.tensor(out, "out", true);
+        const Stream s = a.stream(stream, xv.device);
+        py::gil_scoped_release nogil;
+        bias_gelu_forward(xv, b, approx, y, s);
+      },
+      arg("input"), arg("bias"), arg("approximate"), arg("out"), arg("stream") = py::none());
+  m.def(
+      "bias_gelu_backward",
+      [](py::handle grad_out, py::handle x, py::handle bias, const std::string& approximate, py::handle grad_input,
+         py::handle grad_bias, py::handle stream) {
+        Args a("zerofuse.bias_gelu_backward");
+        const GeluApproximation approx = gelu_approximation(approximate);
+        const TensorView dy = a.tensor(grad_out, "grad_out"), xv = a.tensor(x, "input"), b = a.tensor(bias, "bias"),
+                         dx = a.tensor(grad_input, "grad_input", true);
+        const auto db = a.optional(grad_bias, "grad_bias", true);
+        const Stream s = a.stream(stream, xv.device);
+        py::gil_scoped_release nogil;
+        bias_gelu_backward(dy, xv, b, approx, dx, ptr(db), s);
+      },
+      arg("grad_out"), arg("input"), arg("bias"), arg("approximate"), arg("grad_input"), arg("grad_bias"),
+      arg("stream") = py::none());
+  m.def(
+      "add_layer_norm_forward",
+      [](py::handle x, py::handle residual, py::handle weight, py::handle bias, float eps, py::handle sum,
+         py::handle out, py::handle mean, py::handle rstd, py::handle stream) {
+        Args a("zerofuse.add_layer_norm");
+        const TensorView xv = a.tensor(x, "input"), r = a.tensor(residual, "residual");
+        const auto w = a.optional(weight, "weight"), b = a.optional(bias, "bias");
+        const TensorView sv = a.tensor(sum, "sum", true), y = a.tensor(out, "out", true),
+                         mu = a.tensor(mean, "mean", true), rs = a.tensor(rstd, "rstd", true);
+        const Stream s = a.stream(stream, xv.device);
+        py::gil_scoped_release nogil;
+        add_layernorm_forward(xv, r, ptr(w), ptr(b), eps, sv, y, mu, rs, s);
+      },
+      arg("input"), arg("residual"), arg("weight"), arg("bias"), arg("eps"), arg("sum"), arg("out"), arg("mean"),
+      arg("rstd"), arg("stream") = py::none(), "sum = input + residual and LayerNorm(sum) in one pass.");
+  m.def(
+      "add_layer_norm_backward",
+      [](py::handle grad_out, py::handle grad_sum, py::handle sum, py::handle weight, py::handle mean,
+         py::handle rstd, py::handle grad_input, py::handle grad_weight, py::handle grad_bias, py::handle stream) {
+        Args a("zerofuse.add_layer_norm_backward");
+        const TensorView dy = a.tensor(grad_out, "grad_out"), gs = a.tensor(grad_sum, "grad_sum"),
+                         sv = a.tensor(sum, "sum");
+        const auto w = a.optional(weight, "weight");
+        const TensorView mu = a.tensor(mean, "mean"), rs = a.tensor(rstd, "rstd"),
+                         dx = a.tensor(grad_input, "grad_input", true);
+        const auto dw = a.optional(grad_weight, "grad_weight", true), db = a.optional(grad_bias, "grad_bias", true);
+        const Stream s = a.stream(stream, sv.device);
+        py::gil_scoped_release nogil;
+        add_layernorm_backward(dy, gs, sv, ptr(w), mu, rs, dx, ptr(dw), ptr(db), s);
+      },
+      arg("grad_out"), arg("grad_sum"), arg("sum"), arg("weight"), arg("mean"), arg("rstd"), arg("grad_input"),
+      arg("grad_weight"), arg("grad_bias"), arg("stream") = py::none());
 }
 
 }  // namespace zerofuse::python

@@ -9,7 +9,9 @@ namespace {
 #define ZEROFUSE_KERNEL_TABLE(isa)                                                          \
   Kernels {                                                                                 \
     #isa, &isa::adam_step_multi, &isa::grad_stats, &isa::layernorm_forward,                 \
-        &isa::layernorm_backward, &isa::attention_forward, &isa::attention_backward         \
+        &isa::layernorm_backward, &isa::attention_forward, &isa::attention_backward,        \
+        &isa::cross_entropy_forward, &isa::cross_entropy_backward, &isa::bias_gelu_forward, \
+        &isa::bias_gelu_backward                                                            \
   }
 
 const Kernels& choose() {

@@ -66,12 +66,13 @@ void check_same_param_dtype(const TensorView* a, const char* a_name, const Tenso
                " and ", describe(*b));
 }
 
-}  // namespace
-
-void layernorm_forward(const TensorView& x, const TensorView* weight, const TensorView* bias, float eps,
-                       const TensorView& y, const TensorView& mean, const TensorView& rstd, Stream stream) {
-  const char* op = "zerofuse.layer_norm";
+// The checks and dispatch shared by LayerNorm and add + LayerNorm.
+void forward_impl(const char* op, const TensorView& x, const TensorView* residual, const TensorView* weight,
+                  const TensorView* bias, float eps, const TensorView* sum, const TensorView& y,
+                  const TensorView& mean, const TensorView& rstd, Stream stream) {
   check_input(x, op, "input");
+  if (residual) check_like(*residual, x, op, "residual");
+  if (sum) check_like(*sum, x, op, "sum");
   check_affine(weight, x, op, "weight");
   check_affine(bias, x, op, "bias");
   check_same_param_dtype(weight, "weight", bias, "bias", op);
@@ -81,23 +82,24 @@ void layernorm_forward(const TensorView& x, const TensorView* weight, const Tens
   check_stats(rstd, x, op, "rstd");
   if (x.device.is_cpu()) {
     prefer_huge_pages(y.data, std::size_t(y.numel()) * y.element_size());
-    cpu::kernels().layernorm_forward(x, weight, bias, eps, y, mean, rstd);
+    if (sum) prefer_huge_pages(sum->data, std::size_t(sum->numel()) * sum->element_size());
+    cpu::kernels().layernorm_forward(x, residual, weight, bias, eps, sum, y, mean, rstd);
     return;
   }
 #ifdef ZEROFUSE_WITH_CUDA
-  cuda::layernorm_forward(x, weight, bias, eps, y, mean, rstd, stream);
+  cuda::layernorm_forward(x, residual, weight, bias, eps, sum, y, mean, rstd, stream);
 #else
   (void)stream;
   no_cuda_kernel(op);
 #endif
 }
 
-void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorView* weight,
-                        const TensorView& mean, const TensorView& rstd, const TensorView& dx,
-                        const TensorView* dweight, const TensorView* dbias, Stream stream) {
-  const char* op = "zerofuse.layer_norm_backward";
+void backward_impl(const char* op, const TensorView& dy, const TensorView& x, const TensorView* weight,
+                   const TensorView& mean, const TensorView& rstd, const TensorView* grad_sum, const TensorView& dx,
+                   const TensorView* dweight, const TensorView* dbias, Stream stream) {
   check_input(x, op, "input");
   check_like(dy, x, op, "grad_out");
+  if (grad_sum) check_like(*grad_sum, x, op, "grad_sum");
   check_affine(weight, x, op, "weight");
   check_stats(mean, x, op, "mean");
   check_stats(rstd, x, op, "rstd");
@@ -111,15 +113,42 @@ void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorV
   check_same_param_dtype(dweight, "grad_weight", dbias, "grad_bias", op);
   if (x.device.is_cpu()) {
     prefer_huge_pages(dx.data, std::size_t(dx.numel()) * dx.element_size());
-    cpu::kernels().layernorm_backward(dy, x, weight, mean, rstd, dx, dweight, dbias);
+    cpu::kernels().layernorm_backward(dy, x, weight, mean, rstd, grad_sum, dx, dweight, dbias);
     return;
   }
 #ifdef ZEROFUSE_WITH_CUDA
-  cuda::layernorm_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, stream);
+  cuda::layernorm_backward(dy, x, weight, mean, rstd, grad_sum, dx, dweight, dbias, stream);
 #else
   (void)stream;
   no_cuda_kernel(op);
 #endif
+}
+
+}  // namespace
+
+void layernorm_forward(const TensorView& x, const TensorView* weight, const TensorView* bias, float eps,
+                       const TensorView& y, const TensorView& mean, const TensorView& rstd, Stream stream) {
+  forward_impl("zerofuse.layer_norm", x, nullptr, weight, bias, eps, nullptr, y, mean, rstd, stream);
+}
+
+void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorView* weight,
+                        const TensorView& mean, const TensorView& rstd, const TensorView& dx,
+                        const TensorView* dweight, const TensorView* dbias, Stream stream) {
+  backward_impl("zerofuse.layer_norm_backward", dy, x, weight, mean, rstd, nullptr, dx, dweight, dbias, stream);
+}
+
+void add_layernorm_forward(const TensorView& x, const TensorView& residual, const TensorView* weight,
+                           const TensorView* bias, float eps, const TensorView& sum, const TensorView& y,
+                           const TensorView& mean, const TensorView& rstd, Stream stream) {
+  forward_impl("zerofuse.add_layer_norm", x, &residual, weight, bias, eps, &sum, y, mean, rstd, stream);
+}
+
+void add_layernorm_backward(const TensorView& dy, const TensorView& grad_sum, const TensorView& sum,
+                            const TensorView* weight, const TensorView& mean, const TensorView& rstd,
+                            const TensorView& dsum, const TensorView* dweight, const TensorView* dbias,
+                            Stream stream) {
+  backward_impl("zerofuse.add_layer_norm_backward", dy, sum, weight, mean, rstd, &grad_sum, dsum, dweight, dbias,
+                stream);
 }
 
 }  // namespace zerofuse

@@ -22,4 +22,18 @@ void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorV
                         const TensorView& mean, const TensorView& rstd, const TensorView& dx,
                         const TensorView* dweight, const TensorView* dbias, Stream stream = {});
 
+// The pre-LN transformer's residual stream in one pass: sum = x + residual
+// (written, in x's dtype) and y = LayerNorm(sum). residual is like x.
+void add_layernorm_forward(const TensorView& x, const TensorView& residual, const TensorView* weight,
+                           const TensorView* bias, float eps, const TensorView& sum, const TensorView& y,
+                           const TensorView& mean, const TensorView& rstd, Stream stream = {});
+
+// Its backward: dsum = LayerNorm'(dy) + grad_sum (the gradient reaching `sum`
+// from the rest of the network); dsum is the gradient of both x and residual.
+// `sum` is the forward's sum (LayerNorm's input).
+void add_layernorm_backward(const TensorView& dy, const TensorView& grad_sum, const TensorView& sum,
+                            const TensorView* weight, const TensorView& mean, const TensorView& rstd,
+                            const TensorView& dsum, const TensorView* dweight, const TensorView* dbias,
+                            Stream stream = {});
+
 }  // namespace zerofuse

@@ -3,7 +3,9 @@
 
 #include "zerofuse/adam.h"
 #include "zerofuse/attention.h"
+#include "zerofuse/bias_gelu.h"
 #include "zerofuse/build_info.h"
+#include "zerofuse/cross_entropy.h"
 #include "zerofuse/error.h"
 #include "zerofuse/flat_plan.h"
 #include "zerofuse/grad_stats.h"

@@ -42,12 +42,17 @@ std::vector<A> as_compute(const W* p, std::int64_t d, A absent) {
   return out;
 }
 
+// With a residual, the row normalised is sum = x + residual, rounded to T and
+// written out first (it is what the backward gets as its input).
 template <typename T, typename W>
-void forward_typed(const TensorView& xv, const TensorView* wv, const TensorView* bv, float eps,
-                   const TensorView& yv, const TensorView& meanv, const TensorView& rstdv) {
+void forward_typed(const TensorView& xv, const TensorView* rv, const TensorView* wv, const TensorView* bv,
+                   float eps, const TensorView* sv, const TensorView& yv, const TensorView& meanv,
+                   const TensorView& rstdv) {
   using A = compute_t<T>;
   const std::int64_t d = xv.shape[xv.ndim - 1], rows = xv.numel() / d;
   const T* x = xv.data_as<const T>();
+  const T* residual = rv ? rv->data_as<const T>() : nullptr;
+  T* sum_out = sv ? sv->data_as<T>() : nullptr;
   T* y = yv.data_as<T>();
   const W* w = wv ? wv->data_as<const W>() : nullptr;
   const W* b = bv ? bv->data_as<const W>() : nullptr;
@@ -61,6 +66,12 @@ void forward_typed(const TensorView& xv, const TensorView* wv, const TensorView*
     for (std::int64_t r = r0; r < r1; ++r) {
       const T* __restrict xr = x + r * d;
       T* __restrict yr = y + r * d;
+      if (residual) {
+        T* __restrict sr = sum_out + r * d;
+        const T* __restrict rr = residual + r * d;
+        for (std::int64_t j = 0; j < d; ++j) sr[j] = store_as<T>(to_float(xr[j]) + to_float(rr[j]));
+        xr = sr;
+      }
       A mu, rs;
       row_stats(xr, d, A(eps), mu, rs);
       mean_out[r] = mu;
@@ -71,15 +82,18 @@ void forward_typed(const TensorView& xv, const TensorView* wv, const TensorView*
   });
 }
 
+// grad_sum (may be null) is added to dx: the gradient reaching the residual
+// stream's sum from elsewhere (add_layernorm_backward).
 template <typename T, typename W>
 void backward_typed(const TensorView& dyv, const TensorView& xv, const TensorView* wv,
-                    const TensorView& meanv, const TensorView& rstdv, const TensorView& dxv,
-                    const TensorView* dwv, const TensorView* dbv) {
+                    const TensorView& meanv, const TensorView& rstdv, const TensorView* gsv,
+                    const TensorView& dxv, const TensorView* dwv, const TensorView* dbv) {
   using A = compute_t<T>;
   const std::int64_t d = xv.shape[xv.ndim - 1], rows = xv.numel() / d;
   const T* x = xv.data_as<const T>();
   const T* dy = dyv.data_as<const T>();
   T* dx = dxv.data_as<T>();
+  const T* grad_sum = gsv ? gsv->data_as<const T>() : nullptr;
   const W* w = wv ? wv->data_as<const W>() : nullptr;
   const A* mean = meanv.data_as<const A>();
   const A* rstd = rstdv.data_as<const A>();
@@ -128,11 +142,20 @@ void backward_typed(const TensorView& dyv, const TensorView& xv, const TensorVie
         sum_gx += dyj * wp[j] * xhat;
       }
       const A mean_g = sum_g / A(d), mean_gx = sum_gx / A(d);
+      if (grad_sum) {
+        const T* __restrict gs = grad_sum + r * d;
+        for (std::int64_t j = 0; j < d; ++j) {
+          dxr[j] = store_as<T>(rs * (dyv[j] * wp[j] - mean_g - xh[j] * mean_gx) + to_float(gs[j]));
+          dwp[j] += dyv[j] * xh[j];
+          dbp[j] += dyv[j];
+        }
+      } else {
 #pragma omp simd
-      for (std::int64_t j = 0; j < d; ++j) {
-        dxr[j] = store_as<T>(rs * (dyv[j] * wp[j] - mean_g - xh[j] * mean_gx));
-        dwp[j] += dyv[j] * xh[j];
-        dbp[j] += dyv[j];
+        for (std::int64_t j = 0; j < d; ++j) {
+          dxr[j] = store_as<T>(rs * (dyv[j] * wp[j] - mean_g - xh[j] * mean_gx));
+          dwp[j] += dyv[j] * xh[j];
+          dbp[j] += dyv[j];
+        }
       }
       if ((r - r0 + 1) % kRowsPerFold == 0) fold();
     }
@@ -162,21 +185,22 @@ DType param_dtype(const TensorView* a, const TensorView* b) {
 
 }  // namespace
 
-void layernorm_forward(const TensorView& x, const TensorView* weight, const TensorView* bias, float eps,
-                       const TensorView& y, const TensorView& mean, const TensorView& rstd) {
+void layernorm_forward(const TensorView& x, const TensorView* residual, const TensorView* weight,
+                       const TensorView* bias, float eps, const TensorView* sum, const TensorView& y,
+                       const TensorView& mean, const TensorView& rstd) {
   dispatch_float_or_double(x.dtype, [&](auto xt) {
     dispatch_float_or_double(param_dtype(weight, bias), [&](auto wt) {
-      forward_typed<decltype(xt), decltype(wt)>(x, weight, bias, eps, y, mean, rstd);
+      forward_typed<decltype(xt), decltype(wt)>(x, residual, weight, bias, eps, sum, y, mean, rstd);
     });
   });
 }
 
 void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorView* weight,
-                        const TensorView& mean, const TensorView& rstd, const TensorView& dx,
-                        const TensorView* dweight, const TensorView* dbias) {
+                        const TensorView& mean, const TensorView& rstd, const TensorView* grad_sum,
+                        const TensorView& dx, const TensorView* dweight, const TensorView* dbias) {
   dispatch_float_or_double(x.dtype, [&](auto xt) {
     dispatch_float_or_double(param_dtype(dweight ? dweight : weight, dbias), [&](auto wt) {
-      backward_typed<decltype(xt), decltype(wt)>(dy, x, weight, mean, rstd, dx, dweight, dbias);
+      backward_typed<decltype(xt), decltype(wt)>(dy, x, weight, mean, rstd, grad_sum, dx, dweight, dbias);
     });
   });
 }

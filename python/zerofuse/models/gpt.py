@@ -1,6 +1,8 @@
-"""A GPT-2-style decoder built from zerofuse's modules: zerofuse.nn.LayerNorm
-and zerofuse attention (fused=True), or torch's own (fused=False, the
-baseline benchmarks compare against). Weight-tied embeddings, GPT-2 init."""
+"""A GPT-2-style decoder built from zerofuse's modules (fused=True): its
+LayerNorm, attention, the residual add fused into the second LayerNorm, bias +
+GELU in one kernel, and the head + loss without the [tokens, vocab] logits --
+or from torch's own (fused=False, the baseline benchmarks compare against).
+Weight-tied embeddings, GPT-2 init."""
 import math
 from dataclasses import dataclass
 
@@ -8,7 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from ..nn.layer_norm import LayerNorm as FusedLayerNorm
+from ..ops.add_layer_norm import add_layer_norm
 from ..ops.attention import attention
+from ..ops.bias_gelu import bias_gelu
+from ..ops.cross_entropy import linear_cross_entropy
 
 
 @dataclass
@@ -70,8 +75,13 @@ class Block(torch.nn.Module):
         self.fc_proj = torch.nn.Linear(4 * c.n_embd, c.n_embd)
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.fc_proj(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+        if not isinstance(self.ln_2, FusedLayerNorm):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.fc_proj(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+        # x + attention and its LayerNorm in one pass; the fc bias inside the GELU kernel.
+        h, x = add_layer_norm(self.attn(self.ln_1(x)), x, self.ln_2.normalized_shape, self.ln_2.weight,
+                              self.ln_2.bias, self.ln_2.eps)
+        return x + self.fc_proj(bias_gelu(F.linear(h, self.fc.weight), self.fc.bias, approximate="tanh"))
 
 
 class GPT(torch.nn.Module):
@@ -106,9 +116,12 @@ class GPT(torch.nn.Module):
         x = self.wte(idx) + self.wpe(pos)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
         if targets is None:
-            return logits
+            return self.lm_head(x)
+        if self.config.fused:  # the loss without ever holding the [tokens, vocab] logits
+            return linear_cross_entropy(x, self.lm_head.weight, targets)
+        logits = self.lm_head(x)
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
     def param_groups(self, weight_decay):

@@ -1,5 +1,6 @@
 """Drop-in modules backed by zerofuse's kernels."""
 from . import functional
 from .layer_norm import LayerNorm
+from .losses import CrossEntropyLoss, LinearCrossEntropy
 
-__all__ = ["LayerNorm", "functional"]
+__all__ = ["CrossEntropyLoss", "LayerNorm", "LinearCrossEntropy", "functional"]

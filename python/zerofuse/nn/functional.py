@@ -1,4 +1,4 @@
 """Functional forms, mirroring torch.nn.functional."""
-from ..ops import attention, layer_norm
+from ..ops import add_layer_norm, attention, bias_gelu, cross_entropy, layer_norm, linear_cross_entropy
 
-__all__ = ["attention", "layer_norm"]
+__all__ = ["add_layer_norm", "attention", "bias_gelu", "cross_entropy", "layer_norm", "linear_cross_entropy"]
