@@ -48,9 +48,10 @@ def run_engine(config, data, warmup):
     return time.perf_counter() - start, [float(l) for l in losses]
 
 
-def run_torch(config, data, warmup):
+def run_torch(config, data, warmup, compile_model=False):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**config.__dict__, "fused": False})).cuda()
+    step_model = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
     losses = []
     for i, (x, y) in enumerate(data):
@@ -58,7 +59,7 @@ def run_torch(config, data, warmup):
             torch.cuda.synchronize()
             start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(x, y)
+            loss = step_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -66,6 +67,48 @@ def run_torch(config, data, warmup):
         losses.append(loss.detach())
     torch.cuda.synchronize()
     return time.perf_counter() - start, [float(l) for l in losses]
+
+
+CATEGORIES = (  # kernel-name fragments -> the categories of the step breakdown
+    ("matrix multiplies", ("gemm", "cutlass", "cublas", "sm90_xmma", "nvjet")),
+    ("attention", ("attention", "flash", "fmha", "cudnn")),
+    ("optimizer", ("adam", "grad_stats", "partial_stats", "finish_stats", "step_control", "multi_tensor")),
+    ("LayerNorm", ("ln_", "layer_norm", "layernorm")),
+    ("loss", ("ce_", "cross_entropy", "softmax", "nll")),
+    ("GELU", ("gelu",)),
+    ("dtype casts and copies", ("copy", "cast", "convert")),
+)
+
+
+def breakdown(config, data):
+    """GPU time per category over a few engine steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = GPT(config)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = zerofuse.initialize(model=model, model_parameters=model.param_groups(0.1), config={
+            "train_micro_batch_size_per_gpu": data[0][0].shape[0], "gradient_clipping": 1.0,
+            "steps_per_print": 10**9, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+            "optimizer": {"type": "AdamW", "params": {"lr": 6e-4}}})
+    for x, y in data[:3]:
+        engine.backward(engine(x, y))
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for x, y in data[3:6]:
+            engine.backward(engine(x, y))
+            engine.step()
+        torch.cuda.synchronize()
+    totals = {}
+    for event in prof.key_averages():
+        ms = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0)) / 1e3 / 3
+        if ms <= 0:
+            continue
+        name = event.key.lower()
+        category = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other element-wise work")
+        totals[category] = totals.get(category, 0.0) + ms
+    return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def measure(name, fn, config, data, warmup):
@@ -99,11 +142,16 @@ def main(argv=None):
     data = batches(steps + 5, args.batch, config.block_size, config.vocab_size)
     zf = measure("zerofuse", run_engine, config, data, warmup=5)
     pt = measure("torch", run_torch, config, data, warmup=5)
+    compiled = measure("compiled", lambda c, d, w: run_torch(c, d, w, compile_model=True), config, data, warmup=5)
     results = {"gpt2_124M/B16_T1024/bf16": {
         "zerofuse": zf, "peer": pt, "peer_name": "torch eager: bf16 autocast, SDPA, AdamW(fused), clip",
+        "torch_compile": compiled,
         "speedup": round(zf["tokens_per_s"] / pt["tokens_per_s"], 3),
+        "speedup_vs_compile": round(zf["tokens_per_s"] / compiled["tokens_per_s"], 3),
         "max_error": abs(zf["first_losses"][0] - pt["first_losses"][0])}}
     print(f"speedup {results['gpt2_124M/B16_T1024/bf16']['speedup']}x")
+    results["gpt2_124M/B16_T1024/bf16"]["engine_step_breakdown_ms"] = breakdown(config, data)
+    print("engine step, GPU ms by category:", results["gpt2_124M/B16_T1024/bf16"]["engine_step_breakdown_ms"])
     if not args.no_write:
         print("wrote", write_results("train_gpt2", "cuda", results, args.out))
 
