@@ -9,6 +9,7 @@
 #include "zerofuse/attention.h"
 #include "zerofuse/bias_gelu.h"
 #include "zerofuse/cross_entropy.h"
+#include "zerofuse/masked_softmax.h"
 #include "zerofuse/step_control.h"
 #include "zerofuse/stream.h"
 #include "zerofuse/tensor.h"
@@ -42,5 +43,9 @@ void bias_gelu_forward(const TensorView& x, const TensorView& bias, GeluApproxim
                        const TensorView& y, Stream stream);
 void bias_gelu_backward(const TensorView& dy, const TensorView& x, const TensorView& bias,
                         GeluApproximation approximate, const TensorView& dx, const TensorView* dbias, Stream stream);
+void masked_softmax_forward(const TensorView& x, const TensorView* mask, const MaskedSoftmaxConfig& config,
+                            const TensorView& y, Stream stream);
+void masked_softmax_backward(const TensorView& dy, const TensorView& y, float scale, const TensorView& dx,
+                             Stream stream);
 
 }  // namespace zerofuse::cuda

@@ -8,7 +8,8 @@ import pytest
 
 import zerofuse
 
-KERNEL_TESTS = ["test_layer_norm.py", "test_attention.py", "test_adam.py", "test_grad_stats.py"]
+KERNEL_TESTS = ["test_layer_norm.py", "test_attention.py", "test_adam.py", "test_grad_stats.py",
+                "test_masked_softmax.py"]
 
 
 @pytest.mark.skipif(zerofuse.build_info()["cpu_isas"] == ["baseline"], reason="only the portable variant is built")

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 import zerofuse
 from zerofuse import _C
-from zerofuse.ops import attention, grad_stats, layer_norm
+from zerofuse.ops import attention, grad_stats, layer_norm, masked_softmax
 
 from conftest import FLOAT_DTYPES, assert_close
 from test_adam import HYPER, reference_step
 from test_attention import reference as attention_reference
+from test_masked_softmax import make_mask, reference as masked_softmax_reference
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
@@ -163,6 +164,44 @@ def test_attention(dtype, causal, shape):
     assert_close(out, ref, dtype, factor=8, what="out")
     for got, want, what in ((dq, q64.grad, "dq"), (dk, k64.grad, "dk"), (dv, v64.grad, "dv")):
         assert_close(got, want, dtype, factor=16, what=what)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 33, 129), (2, 1, 1, 1), (2, 4, 64, 4097)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["none", "bool-keys", "bool-full", "bias-heads", "bias-fp32"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_masked_softmax_kernels(dtype, shape, kind, causal):
+    x = (torch.randn(shape) * 4).to(dtype)
+    mask = make_mask(kind, shape, dtype)
+    scale = 0.375
+    out = nan_like(x).to(CUDA)
+    cuda_mask = None if mask is None else mask.to(CUDA).expand(shape)
+    _C.masked_softmax_forward(x.to(CUDA), cuda_mask, scale, causal, out)
+    x64 = x.double().requires_grad_()
+    ref = masked_softmax_reference(x64, mask, scale, causal)
+    assert_close(out, ref, dtype, factor=4, what="probabilities")
+    dy = torch.randn(shape).to(dtype)
+    dx = nan_like(out)
+    _C.masked_softmax_backward(dy.to(CUDA), out, scale, dx)
+    y64, g64 = out.double().cpu(), dy.double()
+    want = scale * y64 * (g64 - (g64 * y64).sum(-1, keepdim=True))
+    assert_close(dx, want, dtype, factor=8, what="grad", scale=dy.abs().max().item())
+
+
+def test_attention_with_arbitrary_mask_on_cuda():
+    q, k, v = (torch.randn(2, 3, 37, 32, device=CUDA, requires_grad=True) for _ in range(3))
+    bias = torch.randn(3, 37, 37, device=CUDA, requires_grad=True)  # a learned position bias
+    out = attention(q, k, v, attn_mask=bias)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, bias), g)
+    want = torch.autograd.grad(ref, (q, k, v, bias), g.double())
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-4)
+    probs = masked_softmax(torch.randn(4, 8, device=CUDA, dtype=torch.bfloat16), causal=True)
+    assert probs.dtype == torch.bfloat16 and torch.all(probs.float().sum(-1).sub(1).abs() < 1e-2)
 
 
 def test_attention_op_with_strided_inputs_on_cuda():

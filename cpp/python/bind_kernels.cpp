@@ -12,6 +12,7 @@
 #include "zerofuse/cross_entropy.h"
 #include "zerofuse/grad_stats.h"
 #include "zerofuse/layernorm.h"
+#include "zerofuse/masked_softmax.h"
 #include "zerofuse/step_control.h"
 
 namespace zerofuse::python {
@@ -284,6 +285,31 @@ void bind_kernels(py::module_& m) {
       },
       arg("grad_out"), arg("input"), arg("bias"), arg("approximate"), arg("grad_input"), arg("grad_bias"),
       arg("stream") = py::none());
+  m.def(
+      "masked_softmax_forward",
+      [](py::handle x, py::handle mask, float scale, bool causal, py::handle out, py::handle stream) {
+        Args a("zerofuse.masked_softmax");
+        const TensorView xv = a.tensor(x, "input"), y = a.tensor(out, "out", true);
+        const auto mv = a.optional(mask, "mask");
+        const Stream s = a.stream(stream, xv.device);
+        MaskedSoftmaxConfig config;
+        config.scale = scale;
+        config.causal = causal;
+        py::gil_scoped_release nogil;
+        masked_softmax_forward(xv, ptr(mv), config, y, s);
+      },
+      arg("input"), arg("mask"), arg("scale"), arg("causal"), arg("out"), arg("stream") = py::none());
+  m.def(
+      "masked_softmax_backward",
+      [](py::handle grad_out, py::handle out, float scale, py::handle grad_input, py::handle stream) {
+        Args a("zerofuse.masked_softmax_backward");
+        const TensorView dy = a.tensor(grad_out, "grad_out"), y = a.tensor(out, "out"),
+                         dx = a.tensor(grad_input, "grad_input", true);
+        const Stream s = a.stream(stream, y.device);
+        py::gil_scoped_release nogil;
+        masked_softmax_backward(dy, y, scale, dx, s);
+      },
+      arg("grad_out"), arg("out"), arg("scale"), arg("grad_input"), arg("stream") = py::none());
   m.def(
       "add_layer_norm_forward",
       [](py::handle x, py::handle residual, py::handle weight, py::handle bias, float eps, py::handle sum,

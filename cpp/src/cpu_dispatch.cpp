@@ -11,7 +11,7 @@ namespace {
     #isa, &isa::adam_step_multi, &isa::grad_stats, &isa::layernorm_forward,                 \
         &isa::layernorm_backward, &isa::attention_forward, &isa::attention_backward,        \
         &isa::cross_entropy_forward, &isa::cross_entropy_backward, &isa::bias_gelu_forward, \
-        &isa::bias_gelu_backward                                                            \
+        &isa::bias_gelu_backward, &isa::masked_softmax_forward, &isa::masked_softmax_backward \
   }
 
 const Kernels& choose() {

@@ -12,6 +12,7 @@
 #include "zerofuse/half.h"
 #include "zerofuse/layernorm.h"
 #include "zerofuse/loss_scaler.h"
+#include "zerofuse/masked_softmax.h"
 #include "zerofuse/step_control.h"
 #include "zerofuse/stream.h"
 #include "zerofuse/tensor.h"

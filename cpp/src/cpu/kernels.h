@@ -10,6 +10,7 @@
 #include "zerofuse/attention.h"
 #include "zerofuse/bias_gelu.h"
 #include "zerofuse/cross_entropy.h"
+#include "zerofuse/masked_softmax.h"
 #include "zerofuse/tensor.h"
 
 #define ZEROFUSE_DECLARE_CPU_KERNELS(isa)                                                         \
@@ -41,6 +42,10 @@
   void bias_gelu_backward(const TensorView& dy, const TensorView& x, const TensorView& bias,      \
                           GeluApproximation approx, const TensorView& dx,                         \
                           const TensorView* dbias);                                               \
+  void masked_softmax_forward(const TensorView& x, const TensorView* mask,                        \
+                              const MaskedSoftmaxConfig& config, const TensorView& y);            \
+  void masked_softmax_backward(const TensorView& dy, const TensorView& y, float scale,            \
+                               const TensorView& dx);                                             \
   }
 
 namespace zerofuse::cpu {
@@ -63,6 +68,8 @@ struct Kernels {
   decltype(&baseline::cross_entropy_backward) cross_entropy_backward;
   decltype(&baseline::bias_gelu_forward) bias_gelu_forward;
   decltype(&baseline::bias_gelu_backward) bias_gelu_backward;
+  decltype(&baseline::masked_softmax_forward) masked_softmax_forward;
+  decltype(&baseline::masked_softmax_backward) masked_softmax_backward;
 };
 
 const Kernels& kernels();

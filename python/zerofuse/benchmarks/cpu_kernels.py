@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import zerofuse
-from zerofuse.ops import attention, layer_norm
+from zerofuse.ops import attention, layer_norm, masked_softmax
 from zerofuse.optim import FusedAdam
 
 from .common import case, compare_cpu, print_table, write_results
@@ -82,6 +82,30 @@ def bench_attention(b, h, s, d, repeat):
                 shape=[b, h, s, d])
 
 
+def bench_masked_softmax(b, h, s, repeat):
+    """Attention probabilities under a [heads, s, s] additive bias (a relative
+    position bias), forward and backward, against softmax(x * scale + bias)."""
+    x = torch.randn(b, h, s, s, requires_grad=True)
+    bias = torch.randn(h, s, s)
+    grad = torch.randn(b, h, s, s)
+    err = (masked_softmax(x, bias, scale=0.125) - torch.softmax(x * 0.125 + bias, -1)).abs().max().item()
+    ours = lambda: masked_softmax(x, bias, scale=0.125).backward(grad)  # noqa: E731
+    peer = lambda: torch.softmax(x * 0.125 + bias, -1).backward(grad)  # noqa: E731
+    return case(*compare_cpu(ours, peer, repeat=repeat), "torch.softmax(x * scale + bias, -1) fwd+bwd (CPU)", err,
+                shape=[b, h, s, s])
+
+
+def bench_attention_with_bias(b, h, s, d, repeat):
+    """attention(attn_mask=bias): matmul, fused masked softmax, matmul."""
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    bias = torch.randn(h, s, s)
+    err = (attention(q, k, v, attn_mask=bias) - F.scaled_dot_product_attention(q, k, v, attn_mask=bias)).abs().max()
+    ours = lambda: attention(q, k, v, attn_mask=bias).sum().backward()  # noqa: E731
+    peer = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum().backward()  # noqa: E731
+    return case(*compare_cpu(ours, peer, repeat=repeat), "F.scaled_dot_product_attention(attn_mask=bias) fwd+bwd (CPU)",
+                err.item(), shape=[b, h, s, d])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
@@ -103,6 +127,9 @@ def main(argv=None):
     results["layernorm/16384x768/bf16/fwd+bwd"] = both
     with torch.no_grad():
         results["attention/causal/4x12x512x64/fp32/fwd"] = bench_attention(4 // min(scale, 4), 12, 512, 64, repeat)
+    b = 4 // min(scale, 4)
+    results["masked_softmax/bias/4x12x512x512/fp32/fwd+bwd"] = bench_masked_softmax(b, 12, 512, repeat)
+    results["attention/bias/4x12x512x64/fp32/fwd+bwd"] = bench_attention_with_bias(b, 12, 512, 64, repeat)
     print_table(results)
     if not args.no_write:
         print("wrote", write_results("kernels", "cpu", results, args.out))

@@ -1,6 +1,8 @@
 """GPU benchmark of the fused loss and element-wise kernels against PyTorch in
 the same run: cross-entropy on [16384, 50304] bf16 logits, the GPT-2 head +
-loss (time and peak extra memory), and bias + GELU on [16384, 3072] bf16.
+loss (time and peak extra memory), bias + GELU on [16384, 3072] bf16, and
+the scaled masked softmax on [8, 12, 1024, 1024] bf16 scores with a
+[12, 1024, 1024] additive bias.
 
     python bench/fused_ops.py        # writes bench/results/<device>-fused_ops-<date>.json
 """
@@ -9,7 +11,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from zerofuse.ops import bias_gelu, cross_entropy, linear_cross_entropy
+from zerofuse.ops import bias_gelu, cross_entropy, linear_cross_entropy, masked_softmax
 
 from .common import print_table, time_cuda, write_results
 
@@ -75,6 +77,18 @@ def bench_bias_gelu(n, d, repeat):
                  "F.gelu(x + b, approximate='tanh') fwd+bwd", err, shape=[n, d])
 
 
+def bench_masked_softmax(b, h, s, repeat):
+    # The peer is what eager transformers code writes: softmax in float32, cast back.
+    x = torch.randn(b, h, s, s, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(h, s, s, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(b, h, s, s, device="cuda", dtype=torch.bfloat16)
+    peer = lambda: torch.softmax(x * 0.125 + bias, dim=-1, dtype=torch.float32).to(x.dtype)  # noqa: E731
+    err = (masked_softmax(x, bias, scale=0.125).float() - peer().float()).abs().max().item()
+    return entry(time_cuda(lambda: masked_softmax(x, bias, scale=0.125).backward(g), repeat=repeat),
+                 time_cuda(lambda: peer().backward(g), repeat=repeat),
+                 "torch.softmax(x * scale + bias, dtype=float32).to(bf16) fwd+bwd", err, shape=[b, h, s, s])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -87,6 +101,7 @@ def main(argv=None):
         f"cross_entropy/{n}x50304/bf16/fwd+bwd": bench_cross_entropy(n, 50304, repeat),
         f"linear_cross_entropy/{n}x768x50304/bf16/fwd+bwd": bench_head(n, 768, 50304, repeat),
         f"bias_gelu/{n}x3072/bf16/fwd+bwd": bench_bias_gelu(n, 3072, repeat),
+        f"masked_softmax/bias/{n // 2048}x12x1024x1024/bf16/fwd+bwd": bench_masked_softmax(n // 2048, 12, 1024, repeat),
     }
     print_table(results)
     if not args.no_write:

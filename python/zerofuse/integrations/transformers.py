@@ -7,7 +7,10 @@ and a mask that is None (plain causal or no mask) or a boolean/additive
 padding mask; a mask that is neither (sliding windows, packed sequences, ...)
 and features the kernel does not have (dropout while training, attention
 probabilities, soft-capping, position biases) go to transformers' own SDPA
-path, so results never change -- only the speed.
+path, so results never change -- only the speed. (zerofuse's own fallback for
+an arbitrary mask, attention(attn_mask=...), builds the [q, k] matrix, which
+SDPA's memory-efficient kernel does not; on the CPU the two measured within
+10% of each other, bench/results/cpu-kernels-*.json.)
 """
 import torch
 

@@ -6,6 +6,7 @@ from .bias_gelu import bias_gelu
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .grad_stats import grad_stats
 from .layer_norm import layer_norm
+from .masked_softmax import masked_softmax
 
 __all__ = ["add_layer_norm", "attention", "bias_gelu", "cross_entropy", "grad_stats", "layer_norm",
-           "linear_cross_entropy"]
+           "linear_cross_entropy", "masked_softmax"]

@@ -1,12 +1,15 @@
 """zerofuse.ops.attention: softmax(Q K^T * scale + mask) V without the
 [seq_q, seq_k] matrix, the same result as
-torch.nn.functional.scaled_dot_product_attention with the equivalent mask."""
+torch.nn.functional.scaled_dot_product_attention with the equivalent mask.
+An arbitrary mask tensor takes the one path that needs the matrix: two
+matrix multiplies around the fused masked softmax."""
 from typing import Optional
 
 import torch
 
 from .. import _C
 from ._library import define, stream_of
+from .masked_softmax import masked_softmax
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -108,6 +111,49 @@ attention_op = define(
 )
 
 
+def _check_attn_mask(q, k, attn_mask, op="zerofuse.ops.attention"):
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{op}: 'attn_mask' must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
+        raise TypeError(f"{op}: 'attn_mask' must be bool (True = may attend) or an additive float mask in q's "
+                        f"dtype ({q.dtype}) or float32, got {attn_mask.dtype}")
+    scores_shape = (*q.shape[:3], k.shape[2])
+    try:
+        fits = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, scores_shape) == scores_shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{op}: 'attn_mask' of shape {list(attn_mask.shape)} must broadcast to "
+                         f"[batch, heads, seq_q, seq_k] = {list(scores_shape)}")
+
+
+def _attention_with_mask(q, k, v, attn_mask, key_padding_mask, causal, scale):
+    """The fallback for an arbitrary mask: the [seq_q, seq_k] scores exist
+    once, in q's dtype, between two batched matrix multiplies (as in
+    Megatron's fused-softmax path); the softmax, its scaling and masking are one
+    kernel each way."""
+    _check(q, k, v, key_padding_mask)
+    _check_attn_mask(q, k, attn_mask)
+    if key_padding_mask is not None:
+        keys = key_padding_mask[:, None, None, :]
+        if attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & keys
+        else:
+            attn_mask = torch.where(keys, attn_mask, torch.full((), float("-inf"), dtype=attn_mask.dtype,
+                                                                 device=attn_mask.device))
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        # Most CPUs have no half-precision matrix units: torch's bf16 matmul
+        # there ran 10-16x slower than float32 (and torch's own CPU attention
+        # computes in float32 too).
+        q, k, v = q.float(), k.float(), v.float()
+        if attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.float()
+    scores = torch.matmul(q, k.transpose(-2, -1))
+    probs = masked_softmax(scores, attn_mask, scale=scale, causal=causal)
+    return torch.matmul(probs, v).to(dtype)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -115,6 +161,7 @@ def attention(
     *,
     causal: bool = False,
     key_padding_mask: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q [batch, heads, seq_q, head_dim] and
@@ -122,9 +169,15 @@ def attention(
 
     causal: query i sees keys j <= i (top-left aligned, as SDPA's is_causal).
     key_padding_mask: bool [batch, seq_k], True where a key may be attended.
+    attn_mask: any other mask, broadcastable to [batch, heads, seq_q, seq_k]:
+    bool (True = may attend) or additive float, as SDPA's attn_mask. It takes
+    the materialised path (scores, fused masked softmax, probabilities times v),
+    so prefer causal / key_padding_mask where they express the mask.
     scale: defaults to head_dim ** -0.5.
     A query that sees no key gets zeros (SDPA gives NaN there).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        return _attention_with_mask(q, k, v, attn_mask, key_padding_mask, bool(causal), float(scale))
     return attention_op(q, k, v, key_padding_mask, bool(causal), float(scale))[0]
