@@ -12,8 +12,9 @@
 //   queries pass: one warp per 32 queries; lane i accumulates dQ of query i.
 // Nothing is shared between blocks, so no atomics and the same bits every run.
 //
-// head_dim up to 256. This is the correct baseline; the tensor-core kernel
-// (mma.sync / wgmma) is the next step and is not here yet.
+// head_dim up to 256. This is the correct baseline for every case; the forward
+// of float16/bfloat16 with head_dim 64 or 128 goes to the tensor-core kernel in
+// attention_mma.cu. A tensor-core backward is not written yet.
 #include <cmath>
 
 #include "common.cuh"
@@ -272,6 +273,7 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   DeviceGuard guard(q.device);
   const Shape s = shape_of(q, k, config);
   if (s.batch == 0 || s.heads == 0 || s.seq_q == 0) return;
+  if (attention_forward_tensor_cores(q, k, v, mask, config, out, lse, st)) return;  // attention_mma.cu
   const bool* m = mask ? mask->data_as<const bool>() : nullptr;
   const std::size_t shared = sizeof(float) * (kTile * (s.dim + 1) + kTile * s.dim + kWarps * kRowsPerWarp * s.dim);
   const dim3 grid(unsigned((s.seq_q + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp)),

@@ -43,6 +43,11 @@ void bias_gelu_forward(const TensorView& x, const TensorView& bias, GeluApproxim
                        const TensorView& y, Stream stream);
 void bias_gelu_backward(const TensorView& dy, const TensorView& x, const TensorView& bias,
                         GeluApproximation approximate, const TensorView& dx, const TensorView* dbias, Stream stream);
+// The mma.sync forward (attention_mma.cu): runs and returns true for float16/bfloat16,
+// head_dim 64 or 128 and 16-byte aligned rows; returns false, having done nothing, otherwise.
+bool attention_forward_tensor_cores(const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const TensorView* mask, const AttentionConfig& config, const TensorView& out,
+                                    const TensorView& lse, Stream stream);
 void masked_softmax_forward(const TensorView& x, const TensorView* mask, const MaskedSoftmaxConfig& config,
                             const TensorView& y, Stream stream);
 void masked_softmax_backward(const TensorView& dy, const TensorView& y, float scale, const TensorView& dx,

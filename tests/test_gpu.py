@@ -166,6 +166,31 @@ def test_attention(dtype, causal, shape):
         assert_close(got, want, dtype, factor=16, what=what)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_tensor_core_forward_against_the_cuda_core_one(dtype, causal, monkeypatch):
+    """fp16/bf16 at head_dim 64/128 take the mma.sync forward; the CUDA-core
+    kernel (forced by ZEROFUSE_CUDA_ATTENTION=baseline) must agree with it
+    and with float64, including rows past the last full tile and a query
+    that sees no key."""
+    b, h, sq, sk, d = 2, 3, 131, 77, 128
+    q, k, v = (torch.randn(b, h, n, d, device=CUDA).to(dtype) for n in (sq, sk, sk))
+    mask = torch.rand(b, sk, device=CUDA) > 0.3
+    mask[1] = False  # batch 1 sees nothing: zeros and lse = -inf
+    results = {}
+    for kernel in ("default", "baseline"):
+        if kernel == "baseline":
+            monkeypatch.setenv("ZEROFUSE_CUDA_ATTENTION", "baseline")
+        out, lse = nan_like(q), torch.full((b, h, sq), float("nan"), device=CUDA)
+        _C.attention_forward(q, k, v, mask, causal, d ** -0.5, out, lse)
+        results[kernel] = (out, lse)
+    ref, _ = attention_reference(q.cpu(), k.cpu(), v.cpu(), causal, mask.cpu(), d ** -0.5)
+    for kernel, (out, lse) in results.items():
+        assert_close(out, ref, dtype, factor=8, what=f"{kernel} out")
+        assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
+    torch.testing.assert_close(results["default"][1], results["baseline"][1], rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 33, 129), (2, 1, 1, 1), (2, 4, 64, 4097)],
                          ids=lambda s: "x".join(map(str, s)))

@@ -1,0 +1,289 @@
+// CUDA softmax attention forward on tensor cores (mma.sync m16n8k16, sm_80+),
+// FlashAttention-2's schedule: a block of 4 warps takes 64 query rows of one
+// head, each warp 16 of them held as A fragments in registers for the whole
+// run; 64-key tiles of K and V are staged in shared memory; per tile a warp
+//   1. S = Q K^T          16 x 64 scores in f32 accumulators (8 n-tiles),
+//   2. masks and scales them (log2 domain) and updates each row's running max
+//      and sum, rescaling its O accumulators,
+//   3. O += P V           P rounded to the input type, reused straight from the
+//                         S accumulators as A fragments (no shared memory),
+//                         V's B fragments by ldmatrix.trans.
+// Then O / l is written and the row logsumexp saved for the backward (the
+// backward is still the CUDA-core kernel of attention.cu).
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with 16-bit A/B): lane = 4 g + c;
+//   A (16x16, row):  a0 = A[g][2c..2c+1]  a1 = A[g+8][2c..]  a2 = A[g][8+2c..]  a3 = A[g+8][8+2c..]
+//   B (16x8, col):   b0 = B[2c..2c+1][g]  b1 = B[8+2c..8+2c+1][g]
+//   C (16x8, f32):   c0,c1 = C[g][2c, 2c+1]   c2,c3 = C[g+8][2c, 2c+1]
+// so a thread owns rows g and g+8 of its warp's 16, and the quad (same g)
+// together holds whole rows: row reductions are two xor-shuffles.
+//
+// Taken for float16/bfloat16, head_dim 64 or 128, 16-byte aligned rows;
+// anything else goes to the CUDA-core kernel. Setting ZEROFUSE_CUDA_ATTENTION=
+// baseline forces that kernel too (for comparing the two).
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "common.cuh"
+#include "cuda_kernels.h"
+
+namespace zerofuse::cuda {
+namespace {
+
+constexpr int kBlockM = 64;  // query rows per block (16 per warp)
+constexpr int kBlockN = 64;  // keys per shared-memory tile
+constexpr int kWarps = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct Rows {  // a [B, H, S, D] view: element (b, h, s, c) at base + b*sb + h*sh + s*ss + c
+  std::int64_t sb, sh, ss;
+};
+
+struct Problem {
+  int heads, seq_q, seq_k;
+  float scale_log2;  // softmax scale times log2(e): the kernel works in powers of 2
+  bool causal;
+};
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                             std::uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static std::uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+    std::uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+  }
+};
+template <>
+struct Mma<__half> {
+  __device__ __forceinline__ static void run(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                             std::uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static std::uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    std::uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+  }
+};
+
+// Two consecutive 16-bit elements as one 32-bit word (4-byte aligned by the host's checks).
+__device__ __forceinline__ std::uint32_t load_pair(const void* p) { return *static_cast<const std::uint32_t*>(p); }
+
+// Four 8x8 matrices of 16-bit elements, transposed on the way in: lane l
+// gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* smem_row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// No __launch_bounds__: with it ptxas held sm_80 to 168 registers and spilled
+// 48 bytes at head_dim 128.
+template <typename T, int D>
+__global__ void attention_forward_mma(const T* q, Rows qr, const T* k, Rows kr, const T* v, Rows vr,
+                                      const bool* mask, T* out, Rows orows, float* lse, Problem p) {
+  // Rows padded by 8 elements (16 bytes): the 8 rows a quad-column reads start
+  // in different banks, and ldmatrix's row addresses stay 16-byte aligned.
+  constexpr int kStride = D + 8;
+  __shared__ alignas(16) T ks[kBlockN * kStride];
+  __shared__ alignas(16) T vs[kBlockN * kStride];
+
+  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int block_row0 = blockIdx.y * kBlockM;
+  const int row_lo = block_row0 + warp * 16 + g, row_hi = row_lo + 8;  // this thread's two rows
+  const T* qb = q + b * qr.sb + h * qr.sh;
+  const T* kb = k + b * kr.sb + h * kr.sh;
+  const T* vb = v + b * vr.sb + h * vr.sh;
+  const bool* mask_b = mask ? mask + std::int64_t(b) * p.seq_k : nullptr;
+
+  // Q as A fragments, k-steps of 16 over head_dim; rows past the end are 0.
+  std::uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int col = kk * 16 + 2 * c;
+    qf[kk][0] = row_lo < p.seq_q ? load_pair(qb + row_lo * qr.ss + col) : 0u;
+    qf[kk][1] = row_hi < p.seq_q ? load_pair(qb + row_hi * qr.ss + col) : 0u;
+    qf[kk][2] = row_lo < p.seq_q ? load_pair(qb + row_lo * qr.ss + col + 8) : 0u;
+    qf[kk][3] = row_hi < p.seq_q ? load_pair(qb + row_hi * qr.ss + col + 8) : 0u;
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain, the same in all four lanes of a quad
+  float row_sum[2] = {0.0f, 0.0f};            // this lane's part of each row's sum
+
+  const int block_last_row = min(block_row0 + kBlockM, p.seq_q) - 1;
+  const int key_end = p.causal ? min(p.seq_k, block_last_row + 1) : p.seq_k;
+  for (int key0 = 0; key0 < key_end; key0 += kBlockN) {
+    __syncthreads();  // every warp is done with the previous tile
+    // 16-byte loads: a row of D elements is D / 8 chunks; keys past the end are zeros
+    // (V's must be: 0 * garbage could be NaN).
+    for (int idx = threadIdx.x; idx < kBlockN * (D / 8); idx += kWarps * 32) {
+      const int r = idx / (D / 8), col = (idx % (D / 8)) * 8, key = key0 + r;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (key < p.seq_k) {
+        kv = *reinterpret_cast<const uint4*>(kb + key * kr.ss + col);
+        vv = *reinterpret_cast<const uint4*>(vb + key * vr.ss + col);
+      }
+      *reinterpret_cast<uint4*>(ks + r * kStride + col) = kv;
+      *reinterpret_cast<uint4*>(vs + r * kStride + col) = vv;
+    }
+    __syncthreads();
+
+    // 1. S = Q K^T: B[k][n] = K[key n][dim k], so b0/b1 are pairs along a K row.
+    float s[kBlockN / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+      const T* krow = ks + (nt * 8 + g) * kStride + 2 * c;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        Mma<T>::run(s[nt], qf[kk], load_pair(krow + kk * 16), load_pair(krow + kk * 16 + 8));
+    }
+
+    // 2. Mask, scale, and the online softmax of rows g (e = 0, 1) and g + 8 (e = 2, 3).
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + nt * 8 + 2 * c + (e & 1), row = e < 2 ? row_lo : row_hi;
+        const bool seen = key < p.seq_k && (!p.causal || key <= row) && (mask_b == nullptr || mask_b[key]);
+        s[nt][e] = seen ? s[nt][e] * p.scale_log2 : -INFINITY;
+      }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kBlockN / 8; ++nt) tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float new_max = fmaxf(row_max[half], tile_max);
+      // Nothing seen yet (new_max = -inf): keep everything at 0 rather than exp2(-inf - -inf) = NaN.
+      const float alpha = new_max == -INFINITY ? 1.0f : exp2f(row_max[half] - new_max);
+      float tile_sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < kBlockN / 8; ++nt)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          s[nt][e] = new_max == -INFINITY ? 0.0f : exp2f(s[nt][e] - new_max);
+          tile_sum += s[nt][e];
+        }
+      row_sum[half] = row_sum[half] * alpha + tile_sum;
+      row_max[half] = new_max;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        o[j][2 * half] *= alpha;
+        o[j][2 * half + 1] *= alpha;
+      }
+    }
+
+    // 3. O += P V. P's A fragment for keys 16 kk .. 16 kk + 15 is S's C fragments
+    // of n-tiles 2 kk and 2 kk + 1; V's B fragments come four at a time from
+    // ldmatrix.trans: matrices (keys +0, dims +0), (keys +8, dims +0),
+    // (keys +0, dims +8), (keys +8, dims +8) -> b0, b1 of two n-tiles.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const std::uint32_t a[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]), Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
+                                  Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const int matrix = lane / 8, matrix_row = lane % 8;
+      const T* vrow = vs + (kk * 16 + (matrix & 1) * 8 + matrix_row) * kStride + (matrix >> 1) * 8;
+#pragma unroll
+      for (int nt2 = 0; nt2 < D / 16; ++nt2) {
+        std::uint32_t bf[4];
+        ldmatrix_x4_trans(bf, vrow + nt2 * 16);
+        Mma<T>::run(o[2 * nt2], a, bf[0], bf[1]);
+        Mma<T>::run(o[2 * nt2 + 1], a, bf[2], bf[3]);
+      }
+    }
+  }
+
+  // O / l, and lse = ln(l) + max (the max is in log2 units). A row that saw
+  // no key has l = 0: zeros and lse = -inf, as the other kernels give.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float total = row_sum[half];
+    total += __shfl_xor_sync(0xffffffffu, total, 1);
+    total += __shfl_xor_sync(0xffffffffu, total, 2);
+    const int row = half == 0 ? row_lo : row_hi;
+    if (row >= p.seq_q) continue;
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    T* orow = out + b * orows.sb + h * orows.sh + row * orows.ss + 2 * c;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const std::uint32_t packed = Mma<T>::pack(o[j][2 * half] * inv, o[j][2 * half + 1] * inv);
+      *reinterpret_cast<std::uint32_t*>(orow + j * 8) = packed;
+    }
+    if (c == 0)
+      lse[(std::int64_t(b) * p.heads + h) * p.seq_q + row] =
+          total > 0.0f ? (row_max[half] + log2f(total)) * kLn2 : -INFINITY;
+  }
+}
+
+Rows rows_of(const TensorView& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
+
+// Rows start on 16-byte boundaries (base and every stride but the last), so
+// the uint4 tile loads and the 32-bit fragment loads are aligned.
+bool rows_aligned(const TensorView& t) {
+  const std::int64_t elements = 16 / std::int64_t(t.element_size());
+  return reinterpret_cast<std::uintptr_t>(t.data) % 16 == 0 && t.strides[0] % elements == 0 &&
+         t.strides[1] % elements == 0 && t.strides[2] % elements == 0;
+}
+
+bool forced_baseline() {
+  const char* forced = std::getenv("ZEROFUSE_CUDA_ATTENTION");
+  return forced != nullptr && std::strcmp(forced, "baseline") == 0;
+}
+
+}  // namespace
+
+bool attention_forward_tensor_cores(const TensorView& q, const TensorView& k, const TensorView& v,
+                                    const TensorView* mask, const AttentionConfig& config, const TensorView& out,
+                                    const TensorView& lse, Stream st) {
+  const int dim = int(q.shape[3]);
+  if ((q.dtype != DType::Float16 && q.dtype != DType::BFloat16) || (dim != 64 && dim != 128)) return false;
+  if (!rows_aligned(q) || !rows_aligned(k) || !rows_aligned(v) || !rows_aligned(out) || forced_baseline())
+    return false;
+  if (q.shape[0] * q.shape[1] >= std::int64_t(1) << 31 || q.shape[2] > std::int64_t(65535) * kBlockM) return false;
+  const Problem p{int(q.shape[1]), int(q.shape[2]), int(k.shape[2]), config.scale * kLog2e, config.causal};
+  const dim3 grid(unsigned(q.shape[0] * q.shape[1]), unsigned((p.seq_q + kBlockM - 1) / kBlockM));
+  const bool* m = mask ? mask->data_as<const bool>() : nullptr;
+  auto launch = [&](auto tag, auto dim_tag) {
+    using T = decltype(tag);
+    constexpr int kDim = decltype(dim_tag)::value;
+    attention_forward_mma<T, kDim><<<grid, kWarps * 32, 0, stream_of(st)>>>(
+        q.data_as<const T>(), rows_of(q), k.data_as<const T>(), rows_of(k), v.data_as<const T>(), rows_of(v), m,
+        out.data_as<T>(), rows_of(out), lse.data_as<float>(), p);
+    ZF_CUDA_CHECK_LAUNCH("attention_forward_mma");
+  };
+  auto by_dim = [&](auto tag) {
+    if (dim == 64) launch(tag, std::integral_constant<int, 64>{});
+    else launch(tag, std::integral_constant<int, 128>{});
+  };
+  if (q.dtype == DType::BFloat16) by_dim(__nv_bfloat16{});
+  else by_dim(__half{});
+  return true;
+}
+
+}  // namespace zerofuse::cuda
