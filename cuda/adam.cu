@@ -9,9 +9,10 @@
 //
 // The step can be decided on the device: a non-zero *skip makes every block
 // return before reading anything, *grad_multiplier scales the gradient, and
-// *step (float64) gives the count for the bias corrections. So a whole fp16
-// step -- statistics, decision, update -- needs no host round trip and can be
-// captured in a CUDA graph.
+// *step (float64) gives the count for the bias corrections and *lr (float64)
+// the learning rate. So a whole fp16 step -- statistics, decision, update --
+// needs no host round trip and can be captured in a CUDA graph, with the
+// schedule writing the next learning rate into *lr between replays.
 #include <algorithm>
 #include <cmath>
 
@@ -55,14 +56,16 @@ struct Coefficients {
   float multiplier, decay, step_size, bias_correction2_sqrt;
 };
 
-__device__ Coefficients coefficients(const Hyper& h, const float* grad_multiplier, const double* step_tensor) {
+__device__ Coefficients coefficients(const Hyper& h, const float* grad_multiplier, const double* step_tensor,
+                                     const double* lr_tensor) {
   Coefficients k;
   k.multiplier = h.host_multiplier * (grad_multiplier ? *grad_multiplier : 1.0f);
-  k.decay = h.adam_w_mode ? float(1.0 - h.lr_d * double(h.weight_decay)) : 1.0f;
+  const double lr = lr_tensor ? *lr_tensor : h.lr_d;
+  k.decay = h.adam_w_mode ? float(1.0 - lr * double(h.weight_decay)) : 1.0f;
   const double step = step_tensor ? fmax(*step_tensor, 1.0) : h.host_step;
   const double bc1 = h.bias_correction ? 1.0 - pow(h.beta1_d, step) : 1.0;
   const double bc2 = h.bias_correction ? 1.0 - pow(h.beta2_d, step) : 1.0;
-  k.step_size = float(h.lr_d / bc1);
+  k.step_size = float(lr / bc1);
   k.bias_correction2_sqrt = float(sqrt(bc2));
   return k;
 }
@@ -81,10 +84,10 @@ __device__ __forceinline__ void adam_element(float& p, float g, float& m, float&
 template <typename P, typename G, typename S, typename C>
 __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ Launch launch, Hyper h,
                                                         const float* grad_multiplier, const float* skip,
-                                                        const double* step_tensor) {
+                                                        const double* step_tensor, const double* lr_tensor) {
   if (skip != nullptr && *skip != 0.0f) return;
   __shared__ Coefficients shared_k;
-  if (threadIdx.x == 0) shared_k = coefficients(h, grad_multiplier, step_tensor);
+  if (threadIdx.x == 0) shared_k = coefficients(h, grad_multiplier, step_tensor, lr_tensor);
   __syncthreads();
   const Coefficients k = shared_k;
 
@@ -152,13 +155,14 @@ void run_typed(const AdamTensorLists& t, const AdamConfig& config, cudaStream_t 
   const float* multiplier = static_cast<const float*>(config.grad_multiplier.data);
   const float* skip = static_cast<const float*>(config.skip_if_nonzero.data);
   const double* step = static_cast<const double*>(config.step_tensor.data);
+  const double* lr = static_cast<const double*>(config.lr_tensor.data);
   const bool with_copy = !t.param_copies.empty();
   Launch launch{};
   auto flush = [&] {
     if (launch.count == 0) return;
     const std::int64_t blocks = launch.first_block[launch.count];
     if (blocks > 0) {
-      adam_kernel<P, G, S, C><<<unsigned(blocks), kThreads, 0, stream>>>(launch, h, multiplier, skip, step);
+      adam_kernel<P, G, S, C><<<unsigned(blocks), kThreads, 0, stream>>>(launch, h, multiplier, skip, step, lr);
       ZF_CUDA_CHECK_LAUNCH("adam_kernel");
     }
     launch = Launch{};

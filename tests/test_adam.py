@@ -78,6 +78,61 @@ def test_device_scalars_skip_and_multiply():
     assert_close(p, expected[0], torch.float32, factor=64)
 
 
+@pytest.mark.parametrize("adam_w_mode", [True, False])
+def test_learning_rate_from_a_tensor(adam_w_mode):
+    # lr_tensor replaces lr (passed as 0 here, so a kernel that ignored the tensor would not move p).
+    sizes = [5, 4099]
+    ps, gs = [torch.randn(s) for s in sizes], [torch.randn(s) for s in sizes]
+    ms, vs = [torch.randn(s) * 0.1 for s in sizes], [torch.rand(s) * 0.01 for s in sizes]
+    kw = dict(HYPER, adam_w_mode=adam_w_mode, bias_correction=True, step=4)
+    expected = [reference_step(p, g, m, v, **dict(kw, lr=0.0125)) for p, g, m, v in zip(ps, gs, ms, vs)]
+    lr = torch.tensor([0.0125], dtype=torch.float64)
+    _C.adam_step_multi(ps, gs, ms, vs, lr_tensor=lr, **dict(kw, lr=0.0))
+    for p, want in zip(ps, expected):
+        assert_close(p, want[0], torch.float32, factor=64)
+    p, g, m, v = torch.randn(77), torch.randn(77), torch.zeros(77), torch.zeros(77)
+    want = reference_step(p, g, m, v, **dict(kw, lr=0.0125))
+    _C.adam_step(p, g, m, v, lr_tensor=lr, **dict(kw, lr=0.0))
+    assert_close(p, want[0], torch.float32, factor=64)
+
+
+def test_learning_rate_tensor_is_checked_before_any_tensor_changes():
+    p, g, m, v = torch.randn(9), torch.randn(9), torch.zeros(9), torch.zeros(9)
+    before = p.clone()
+    kw = dict(HYPER, adam_w_mode=True, bias_correction=True, step=1)
+    with pytest.raises(ValueError, match="'lr_tensor' must be a float64 tensor of one element"):
+        _C.adam_step(p, g, m, v, lr_tensor=torch.tensor([1e-3]), **kw)  # float32
+    with pytest.raises(ValueError, match="'lr_tensor' must be a float64 tensor of one element"):
+        _C.adam_step(p, g, m, v, lr_tensor=torch.zeros(2, dtype=torch.float64), **kw)
+    for bad in (-1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="'lr_tensor' must be a finite number >= 0"):
+            _C.adam_step(p, g, m, v, lr_tensor=torch.tensor([bad], dtype=torch.float64), **kw)
+    assert torch.equal(p, before)
+
+
+def test_fused_adam_with_a_tensor_learning_rate_follows_its_schedule():
+    torch.manual_seed(3)
+    start = [torch.randn(31, 7), torch.randn(129)]
+    by_number = [torch.nn.Parameter(t.clone()) for t in start]
+    by_tensor = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_n = FusedAdam(by_number, lr=0.02, weight_decay=0.1)
+    opt_t = FusedAdam(by_tensor, lr=torch.tensor(0.02, dtype=torch.float64), weight_decay=0.1)
+    sched_n = torch.optim.lr_scheduler.StepLR(opt_n, step_size=3, gamma=0.5)
+    sched_t = torch.optim.lr_scheduler.StepLR(opt_t, step_size=3, gamma=0.5)
+    for _ in range(8):
+        for a, b in zip(by_number, by_tensor):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt_n.step()
+        opt_t.step()
+        sched_n.step()
+        sched_t.step()
+    assert isinstance(opt_t.param_groups[0]["lr"], torch.Tensor)
+    assert float(opt_t.param_groups[0]["lr"]) == pytest.approx(0.02 * 0.5**2)
+    for a, b in zip(by_number, by_tensor):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=0)
+
+
 def test_numpy_buffers_through_dlpack():
     rng = np.random.default_rng(0)
     p, g = rng.standard_normal(999).astype(np.float32), rng.standard_normal(999).astype(np.float32)
@@ -228,6 +283,8 @@ def test_fused_adam_bad_hyperparameters():
     p = [torch.nn.Parameter(torch.randn(3))]
     with pytest.raises(ValueError, match="'lr' must be in"):
         FusedAdam(p, lr=-1.0)
+    with pytest.raises(ValueError, match="'lr' must be a number or a one-element tensor"):
+        FusedAdam(p, lr=torch.tensor([1e-3, 1e-3]))
     with pytest.raises(ValueError, match="'betas\\[1\\]' must be in"):
         FusedAdam(p, betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="'eps' must be in"):

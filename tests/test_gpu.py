@@ -63,6 +63,79 @@ def test_adam_multi_tensor_unaligned_and_device_scalars(dtype, state_dtype):
     assert all(torch.equal(a, b) for a, b in zip(ps, before))
 
 
+def test_whole_fp16_step_replays_from_a_cuda_graph():
+    """grad_stats -> step_control -> Adam captured once and replayed: loss scale,
+    skip decision, step count and learning rate all live on the device, so each
+    replay must do what the same calls do eagerly on the CPU -- including a
+    skipped overflow step and a learning rate changed between replays."""
+    sizes = (4097, 33, 1)
+    cfg = dict(dynamic_loss_scale=True, initial_scale_power=8, loss_scale_window=2, hysteresis=1,
+               consecutive_hysteresis=False, min_loss_scale=1.0, max_grad_norm=1.0)
+
+    def buffers(device):
+        gen = torch.Generator().manual_seed(0)
+        b = dict(master=[torch.randn(s, generator=gen).to(device) for s in sizes],
+                 grads=[torch.zeros(s, dtype=torch.float16, device=device) for s in sizes],
+                 m=[torch.zeros(s, device=device) for s in sizes], v=[torch.zeros(s, device=device) for s in sizes],
+                 copies=[torch.full((s,), float("nan"), dtype=torch.float16, device=device) for s in sizes],
+                 stats=torch.zeros(2, device=device), lr=torch.zeros(1, dtype=torch.float64, device=device),
+                 state=torch.zeros(_C.STEP_STATE_SIZE, dtype=torch.float64, device=device),
+                 out=torch.zeros(_C.STEP_OUTPUT_SIZE, device=device))
+        _C.step_control_init(b["state"], static_scale=1.0, **cfg)
+        return b
+
+    def step(b):
+        _C.grad_stats(b["grads"], b["stats"])
+        _C.step_control(b["stats"], b["state"], b["out"], **cfg)
+        _C.adam_step_multi(b["master"], b["grads"], b["m"], b["v"], b["copies"], lr=0.0, beta1=0.9, beta2=0.999,
+                           eps=1e-8, weight_decay=0.01, adam_w_mode=True, bias_correction=True, step=1,
+                           grad_multiplier=b["out"][0:1], skip_if_nonzero=b["out"][1:2],
+                           step_tensor=b["state"][4:5], lr_tensor=b["lr"])
+
+    cpu, gpu = buffers("cpu"), buffers(CUDA)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(gpu)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(8):
+        grads = [(torch.randn(s, generator=gen) * 100).half() for s in sizes]
+        if i == 3:
+            grads[0][0] = float("inf")  # this step overflows: skipped, scale halved
+        for b in (cpu, gpu):
+            b["lr"].fill_(1e-2 / (i + 1))  # what a schedule does between replays
+            for g, new in zip(b["grads"], grads):
+                g.copy_(new)
+        step(cpu)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(gpu["state"].cpu(), cpu["state"]), f"replay {i}: step-control state"
+        for a, b in zip(gpu["master"], cpu["master"]):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+    assert cpu["state"][5].item() == 1 and cpu["state"][4].item() == 7, "one skipped, seven applied"
+    for a, b in zip(gpu["copies"], gpu["master"]):
+        assert torch.equal(a, b.half())
+
+
+def test_fused_adam_with_a_device_learning_rate_matches_a_number():
+    start = [torch.randn(s, device=CUDA) for s in ((33, 17), (4097,))]
+    by_number = [torch.nn.Parameter(p.clone()) for p in start]
+    by_tensor = [torch.nn.Parameter(p.clone()) for p in start]
+    opt_n = zerofuse.optim.FusedAdam(by_number, lr=0.02, weight_decay=0.1)
+    opt_t = zerofuse.optim.FusedAdam(by_tensor, lr=torch.tensor(0.02, dtype=torch.float64, device=CUDA),
+                                     weight_decay=0.1)
+    sched = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt_n, opt_t)]
+    for _ in range(6):
+        for a, b in zip(by_number, by_tensor):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        for o, s_ in zip((opt_n, opt_t), sched):
+            o.step()
+            s_.step()
+    for a, b in zip(by_number, by_tensor):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_fused_adam_on_cuda_matches_torch_adamw():
     params = [torch.randn(s, device=CUDA) for s in ((33, 17), (4097,), (1,))]
     ref = [torch.nn.Parameter(p.clone()) for p in params]

@@ -24,7 +24,8 @@ const TensorView* ptr(const std::optional<TensorView>& v) { return v ? &*v : nul
 
 AdamConfig adam_config(Args& a, double lr, double beta1, double beta2, double eps, double weight_decay,
                        bool adam_w_mode, bool bias_correction, std::int64_t step, double inv_scale, double clip_coef,
-                       py::handle grad_multiplier, py::handle skip_if_nonzero, py::handle step_tensor) {
+                       py::handle grad_multiplier, py::handle skip_if_nonzero, py::handle step_tensor,
+                       py::handle lr_tensor) {
   AdamConfig c;
   c.lr = lr;
   c.beta1 = beta1;
@@ -39,6 +40,7 @@ AdamConfig adam_config(Args& a, double lr, double beta1, double beta2, double ep
   if (auto v = a.optional(grad_multiplier, "grad_multiplier")) c.grad_multiplier = *v;
   if (auto v = a.optional(skip_if_nonzero, "skip_if_nonzero")) c.skip_if_nonzero = *v;
   if (auto v = a.optional(step_tensor, "step_tensor")) c.step_tensor = *v;
+  if (auto v = a.optional(lr_tensor, "lr_tensor")) c.lr_tensor = *v;
   return c;
 }
 
@@ -107,13 +109,14 @@ void bind_kernels(py::module_& m) {
       [](py::handle param, py::handle grad, py::handle exp_avg, py::handle exp_avg_sq, py::handle param_copy,
          double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode,
          bool bias_correction, std::int64_t step, double inv_scale, double clip_coef, py::handle grad_multiplier,
-         py::handle skip_if_nonzero, py::handle step_tensor, py::handle stream) {
+         py::handle skip_if_nonzero, py::handle step_tensor, py::handle lr_tensor, py::handle stream) {
         Args a("zerofuse.adam_step");
         const TensorView p = a.tensor(param, "param", true), g = a.tensor(grad, "grad"),
                          m1 = a.tensor(exp_avg, "exp_avg", true), m2 = a.tensor(exp_avg_sq, "exp_avg_sq", true);
         const auto copy = a.optional(param_copy, "param_copy", true);
         const AdamConfig c = adam_config(a, lr, beta1, beta2, eps, weight_decay, adam_w_mode, bias_correction, step,
-                                         inv_scale, clip_coef, grad_multiplier, skip_if_nonzero, step_tensor);
+                                         inv_scale, clip_coef, grad_multiplier, skip_if_nonzero, step_tensor,
+                                         lr_tensor);
         const Stream s = a.stream(stream, p.device);
         py::gil_scoped_release nogil;
         adam_step(p, g, m1, m2, ptr(copy), c, s);
@@ -122,7 +125,7 @@ void bind_kernels(py::module_& m) {
       arg("lr"), arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("adam_w_mode"),
       arg("bias_correction"), arg("step"), arg("inv_scale") = 1.0, arg("clip_coef") = 1.0,
       arg("grad_multiplier") = py::none(), arg("skip_if_nonzero") = py::none(), arg("step_tensor") = py::none(),
-      arg("stream") = py::none(),
+      arg("lr_tensor") = py::none(), arg("stream") = py::none(),
       "Fused Adam/AdamW update of one flat float32 buffer (see zerofuse/adam.h).");
 
   m.def(
@@ -130,7 +133,7 @@ void bind_kernels(py::module_& m) {
       [](py::handle params, py::handle grads, py::handle exp_avgs, py::handle exp_avg_sqs, py::handle param_copies,
          double lr, double beta1, double beta2, double eps, double weight_decay, bool adam_w_mode,
          bool bias_correction, std::int64_t step, double inv_scale, double clip_coef, py::handle grad_multiplier,
-         py::handle skip_if_nonzero, py::handle step_tensor, py::handle stream) {
+         py::handle skip_if_nonzero, py::handle step_tensor, py::handle lr_tensor, py::handle stream) {
         Args a("zerofuse.adam_step_multi");
         AdamTensorLists t;
         t.params = a.list(params, "params", true);
@@ -139,7 +142,8 @@ void bind_kernels(py::module_& m) {
         t.exp_avg_sqs = a.list(exp_avg_sqs, "exp_avg_sqs", true);
         if (!param_copies.is_none()) t.param_copies = a.list(param_copies, "param_copies", true);
         const AdamConfig c = adam_config(a, lr, beta1, beta2, eps, weight_decay, adam_w_mode, bias_correction, step,
-                                         inv_scale, clip_coef, grad_multiplier, skip_if_nonzero, step_tensor);
+                                         inv_scale, clip_coef, grad_multiplier, skip_if_nonzero, step_tensor,
+                                         lr_tensor);
         const Stream s = a.stream(stream, t.params.empty() ? Device::cpu() : t.params[0].device);
         py::gil_scoped_release nogil;
         adam_step_multi(t, c, s);
@@ -148,7 +152,7 @@ void bind_kernels(py::module_& m) {
       py::kw_only(), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("adam_w_mode"),
       arg("bias_correction"), arg("step"), arg("inv_scale") = 1.0, arg("clip_coef") = 1.0,
       arg("grad_multiplier") = py::none(), arg("skip_if_nonzero") = py::none(), arg("step_tensor") = py::none(),
-      arg("stream") = py::none(),
+      arg("lr_tensor") = py::none(), arg("stream") = py::none(),
       "Fused Adam/AdamW update of lists of tensors (see zerofuse/adam.h).");
 
   m.def(

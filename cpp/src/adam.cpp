@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "checks.h"
 #include "cpu/kernels.h"
@@ -32,11 +33,15 @@ void check_config(const AdamConfig& c, const char* op, Device device) {
     value_error(op, ": 'clip_coef' must be a finite number >= 0, got ", c.clip_coef);
   if (c.grad_multiplier.data != nullptr) check_scalar_f32(c.grad_multiplier, op, "grad_multiplier", device);
   if (c.skip_if_nonzero.data != nullptr) check_scalar_f32(c.skip_if_nonzero, op, "skip_if_nonzero", device);
-  if (c.step_tensor.data != nullptr) {
-    if (c.step_tensor.dtype != DType::Float64 || c.step_tensor.numel() != 1 || c.step_tensor.device != device)
-      value_error(op, ": argument 'step_tensor' must be a float64 tensor of one element on ", device_name(device),
-                  ", got ", describe(c.step_tensor));
+  for (const auto& [tensor, name] : {std::pair{&c.step_tensor, "step_tensor"}, std::pair{&c.lr_tensor, "lr_tensor"}}) {
+    if (tensor->data == nullptr) continue;
+    if (tensor->dtype != DType::Float64 || tensor->numel() != 1 || tensor->device != device)
+      value_error(op, ": argument '", name, "' must be a float64 tensor of one element on ", device_name(device),
+                  ", got ", describe(*tensor));
   }
+  // On the CPU the value is at hand: hold it to the rule for `lr`.
+  if (c.lr_tensor.data != nullptr && device.is_cpu())
+    finite_nonneg(*static_cast<const double*>(c.lr_tensor.data), "lr_tensor");
 }
 
 // `flat`: the single-buffer form, whose arguments are named without an index.

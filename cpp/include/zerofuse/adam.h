@@ -43,6 +43,12 @@ struct AdamConfig {
   // the step-control state's applied-steps entry, so the count advances on the
   // device exactly when a step is applied.
   TensorView step_tensor;
+  // A float64 tensor of one element holding the learning rate (replaces `lr`),
+  // so a schedule can change it between replays of a captured CUDA graph.
+  // Its value is read where the kernel runs; on a GPU it cannot be checked
+  // without a host round trip, so a negative or non-finite value there is the
+  // caller's to prevent (on the CPU it is checked like `lr`).
+  TensorView lr_tensor;
 };
 
 // One flat buffer: param float32; grad float32/float16/bfloat16; exp_avg and

@@ -36,11 +36,12 @@ AdamCoefficients coefficients(const AdamConfig& c) {
   k.one_minus_beta2 = float(1.0 - c.beta2);
   k.eps = float(c.eps);
   k.l2 = c.adam_w_mode ? 0.0f : float(c.weight_decay);
-  k.decay = c.adam_w_mode ? float(1.0 - c.lr * c.weight_decay) : 1.0f;
+  const double lr = c.lr_tensor.data != nullptr ? *static_cast<const double*>(c.lr_tensor.data) : c.lr;
+  k.decay = c.adam_w_mode ? float(1.0 - lr * c.weight_decay) : 1.0f;
   const double step = c.step_tensor.data != nullptr ? *static_cast<const double*>(c.step_tensor.data) : double(c.step);
   const double bc1 = c.bias_correction ? 1.0 - std::pow(c.beta1, std::max(step, 1.0)) : 1.0;
   const double bc2 = c.bias_correction ? 1.0 - std::pow(c.beta2, std::max(step, 1.0)) : 1.0;
-  k.step_size = float(c.lr / bc1);
+  k.step_size = float(lr / bc1);
   k.bias_correction2_sqrt = float(std::sqrt(bc2));
   return k;
 }

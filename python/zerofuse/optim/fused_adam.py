@@ -25,6 +25,17 @@ def _check_number(name, value, low, high=None, low_inclusive=True):
         raise ValueError(f"FusedAdam: '{name}' must be in {bounds}, got {value}")
 
 
+def _learning_rate(lr, device):
+    """(lr as a number, lr as a float64 tensor or None) for one kernel call.
+    A tensor on the parameters' GPU stays there (the kernel reads it); any
+    other lr is read on the host."""
+    if isinstance(lr, torch.Tensor) and lr.device == device and device.type != "cpu":
+        if lr.numel() != 1:
+            raise ValueError(f"FusedAdam: 'lr' must be a number or a one-element tensor, got shape {list(lr.shape)}")
+        return 0.0, lr if lr.dtype == torch.float64 else lr.to(torch.float64)
+    return float(lr), None
+
+
 class FusedAdam(torch.optim.Optimizer):
     """Adam (adam_w_mode=False: L2 weight decay added to the gradient, as
     torch.optim.Adam) or AdamW (adam_w_mode=True: decoupled weight decay, as
@@ -35,6 +46,12 @@ class FusedAdam(torch.optim.Optimizer):
     parameters' dtype (as in torch) and all math is float32. State keys and
     state_dict() match torch's Adam/AdamW ("step", "exp_avg", "exp_avg_sq"),
     so checkpoints move between the two. Works with torch.optim.lr_scheduler.
+
+    ``lr`` may be a one-element tensor, as torch's fused optimizers allow.
+    One on the parameters' GPU is read by the kernel where it runs, so a step
+    neither waits for the device nor bakes the value in: a schedule that
+    writes the tensor in place (torch's lr_scheduler does) takes effect in a
+    captured CUDA graph's next replay.
     """
 
     def __init__(
@@ -134,14 +151,16 @@ class FusedAdam(torch.optim.Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
 
         beta1, beta2 = group["betas"]
-        for (_device, _dtype, _state_dtype, step), (params, grads, exp_avgs, exp_avg_sqs) in batches.items():
+        for (device, _dtype, _state_dtype, step), (params, grads, exp_avgs, exp_avg_sqs) in batches.items():
+            lr, lr_tensor = _learning_rate(group["lr"], device)
             _C.adam_step_multi(
                 params,
                 grads,
                 exp_avgs,
                 exp_avg_sqs,
                 None,
-                lr=float(group["lr"]),
+                lr=lr,
+                lr_tensor=lr_tensor,
                 beta1=float(beta1),
                 beta2=float(beta2),
                 eps=float(group["eps"]),
