@@ -39,7 +39,35 @@ struct Shape {
   int batch, heads, seq_q, seq_k, dim;
   float scale;
   bool causal;
+  int batch0, head0;  // the first (batch, head) of this launch: blockIdx.z and .y count from here
 };
+
+// The tiled kernels' grids are (tiles, heads, batch). The y and z extents are
+// capped at 65535, so a larger batch or head count goes in several launches.
+constexpr int kMaxGridYZ = 65535;
+
+template <typename LaunchFn>
+void for_each_head_block(const Shape& s, unsigned tiles, LaunchFn&& launch) {
+  for (int b0 = 0; b0 < s.batch; b0 += kMaxGridYZ)
+    for (int h0 = 0; h0 < s.heads; h0 += kMaxGridYZ) {
+      Shape part = s;
+      part.batch0 = b0;
+      part.head0 = h0;
+      launch(dim3(tiles, unsigned(std::min(s.heads - h0, kMaxGridYZ)), unsigned(std::min(s.batch - b0, kMaxGridYZ))),
+             part);
+    }
+}
+
+// This block's batch element, head and their flat index (b * heads + h).
+struct BlockHead {
+  int b, h;
+  std::int64_t bh;
+};
+
+__device__ __forceinline__ BlockHead block_head(const Shape& s) {
+  const int b = s.batch0 + int(blockIdx.z), h = s.head0 + int(blockIdx.y);
+  return {b, h, std::int64_t(b) * s.heads + h};
+}
 
 __device__ __forceinline__ bool visible(const Shape& s, const bool* mask, int b, int i, int j) {
   return j < s.seq_k && (!s.causal || j <= i) && (mask == nullptr || mask[std::int64_t(b) * s.seq_k + j]);
@@ -53,7 +81,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   float* ks = smem;                          // [kTile][dim + 1]
   float* vs = ks + kTile * (s.dim + 1);      // [kTile][dim]
   float* qs = vs + kTile * s.dim;            // [kWarps * kRowsPerWarp][dim]
-  const int bh = blockIdx.y, b = bh / s.heads, h = bh % s.heads;
+  const auto [b, h, bh] = block_head(s);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = blockIdx.x * kWarps * kRowsPerWarp;
   const T* qb = q + b * qh.sb + h * qh.sh;
@@ -118,7 +146,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int c = 0; c < kDimPerLane; ++c)
       if (lane + 32 * c < s.dim) ob[i * oh.ss + lane + 32 * c] = from_float<T>(acc[r][c] * inv);
-    if (lane == 0) lse[std::int64_t(bh) * s.seq_q + i] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
+    if (lane == 0) lse[bh * s.seq_q + i] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
   }
 }
 
@@ -157,7 +185,8 @@ __global__ void __launch_bounds__(32)
   float* dvs = dks + kTile * stride;
   float* qrow = dvs + kTile * stride;  // [dim]: the current query (scaled)
   float* grow = qrow + s.dim;          // [dim]: its dO
-  const int bh = blockIdx.y, b = bh / s.heads, h = bh % s.heads, lane = threadIdx.x;
+  const auto [b, h, bh] = block_head(s);
+  const int lane = threadIdx.x;
   const int key0 = blockIdx.x * kTile, j = key0 + lane;
   const T* kb = k + b * kh.sb + h * kh.sh;
   const T* vb = v + b * vh.sb + h * vh.sh;
@@ -184,7 +213,7 @@ __global__ void __launch_bounds__(32)
       dp += grow[c] * vs[lane * stride + c];
     }
     float p, ds;
-    p_and_ds(score, lse[std::int64_t(bh) * s.seq_q + i], dp, di[std::int64_t(bh) * s.seq_q + i],
+    p_and_ds(score, lse[bh * s.seq_q + i], dp, di[bh * s.seq_q + i],
              visible(s, mask, b, i, j), p, ds);
     for (int c = 0; c < s.dim; ++c) {
       dvs[lane * stride + c] += p * grow[c];
@@ -215,7 +244,8 @@ __global__ void __launch_bounds__(32)
   float* dqs = gs + kTile * stride;  // [32][dim + 1]
   float* krow = dqs + kTile * stride;
   float* vrow = krow + s.dim;
-  const int bh = blockIdx.y, b = bh / s.heads, h = bh % s.heads, lane = threadIdx.x;
+  const auto [b, h, bh] = block_head(s);
+  const int lane = threadIdx.x;
   const int row0 = blockIdx.x * kTile, i = row0 + lane;
   const T* qb = q + b * qh.sb + h * qh.sh;
   const T* gb = dout + b * dh.sb + h * dh.sh;
@@ -226,8 +256,8 @@ __global__ void __launch_bounds__(32)
     dqs[r * stride + c] = 0.0f;
   }
   __syncwarp();
-  const float lse_i = i < s.seq_q ? lse[std::int64_t(bh) * s.seq_q + i] : -INFINITY;
-  const float di_i = i < s.seq_q ? di[std::int64_t(bh) * s.seq_q + i] : 0.0f;
+  const float lse_i = i < s.seq_q ? lse[bh * s.seq_q + i] : -INFINITY;
+  const float di_i = i < s.seq_q ? di[bh * s.seq_q + i] : 0.0f;
   const T* kb = k + b * kh.sb + h * kh.sh;
   const T* vb = v + b * vh.sb + h * vh.sh;
   const int last = min(row0 + kTile, s.seq_q) - 1;
@@ -258,7 +288,7 @@ __global__ void __launch_bounds__(32)
 Shape shape_of(const TensorView& q, const TensorView& k, const AttentionConfig& c) {
   if (q.shape[3] > kMaxDim)
     runtime_error("zerofuse.attention: the CUDA kernel takes head_dim up to ", kMaxDim, ", got ", q.shape[3]);
-  return {int(q.shape[0]), int(q.shape[1]), int(q.shape[2]), int(k.shape[2]), int(q.shape[3]), c.scale, c.causal};
+  return {int(q.shape[0]), int(q.shape[1]), int(q.shape[2]), int(k.shape[2]), int(q.shape[3]), c.scale, c.causal, 0, 0};
 }
 
 void allow_shared(const void* kernel, std::size_t bytes) {
@@ -276,15 +306,16 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
   if (attention_forward_tensor_cores(q, k, v, mask, config, out, lse, st)) return;  // attention_mma.cu
   const bool* m = mask ? mask->data_as<const bool>() : nullptr;
   const std::size_t shared = sizeof(float) * (kTile * (s.dim + 1) + kTile * s.dim + kWarps * kRowsPerWarp * s.dim);
-  const dim3 grid(unsigned((s.seq_q + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp)),
-                  unsigned(s.batch * s.heads));
+  const unsigned tiles = unsigned((s.seq_q + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp));
   dispatch_float(q.dtype, [&](auto tag) {
     using T = decltype(tag);
     allow_shared(reinterpret_cast<const void*>(attention_forward_kernel<T>), shared);
-    attention_forward_kernel<T><<<grid, kWarps * 32, shared, stream_of(st)>>>(
-        q.data_as<const T>(), head_of(q), k.data_as<const T>(), head_of(k), v.data_as<const T>(), head_of(v), m,
-        out.data_as<T>(), head_of(out), lse.data_as<float>(), s);
-    ZF_CUDA_CHECK_LAUNCH("attention_forward_kernel");
+    for_each_head_block(s, tiles, [&](dim3 grid, const Shape& part) {
+      attention_forward_kernel<T><<<grid, kWarps * 32, shared, stream_of(st)>>>(
+          q.data_as<const T>(), head_of(q), k.data_as<const T>(), head_of(k), v.data_as<const T>(), head_of(v), m,
+          out.data_as<T>(), head_of(out), lse.data_as<float>(), part);
+      ZF_CUDA_CHECK_LAUNCH("attention_forward_kernel");
+    });
   });
 }
 
@@ -309,22 +340,24 @@ void attention_backward(const TensorView& dout, const TensorView& q, const Tenso
     const std::size_t shared = sizeof(float) * (4 * kTile * (s.dim + 1) + 2 * s.dim);
     if (s.seq_k > 0 && s.batch * s.heads > 0) {
       allow_shared(reinterpret_cast<const void*>(attention_backward_keys<T>), shared);
-      const dim3 grid(unsigned((s.seq_k + kTile - 1) / kTile), unsigned(s.batch * s.heads));
-      attention_backward_keys<T><<<grid, 32, shared, stream>>>(
-          q.data_as<const T>(), head_of(q), k.data_as<const T>(), head_of(k), v.data_as<const T>(), head_of(v),
-          dout.data_as<const T>(), head_of(dout), lse.data_as<const float>(), di.as<float>(), m, dk.data_as<T>(),
-          head_of(dk), dv.data_as<T>(), head_of(dv), s);
-      ZF_CUDA_CHECK_LAUNCH("attention_backward_keys");
+      for_each_head_block(s, unsigned((s.seq_k + kTile - 1) / kTile), [&](dim3 grid, const Shape& part) {
+        attention_backward_keys<T><<<grid, 32, shared, stream>>>(
+            q.data_as<const T>(), head_of(q), k.data_as<const T>(), head_of(k), v.data_as<const T>(), head_of(v),
+            dout.data_as<const T>(), head_of(dout), lse.data_as<const float>(), di.as<float>(), m, dk.data_as<T>(),
+            head_of(dk), dv.data_as<T>(), head_of(dv), part);
+        ZF_CUDA_CHECK_LAUNCH("attention_backward_keys");
+      });
     }
     if (rows > 0) {
       const std::size_t qshared = sizeof(float) * (3 * kTile * (s.dim + 1) + 2 * s.dim);
       allow_shared(reinterpret_cast<const void*>(attention_backward_queries<T>), qshared);
-      const dim3 grid(unsigned((s.seq_q + kTile - 1) / kTile), unsigned(s.batch * s.heads));
-      attention_backward_queries<T><<<grid, 32, qshared, stream>>>(
-          q.data_as<const T>(), head_of(q), k.data_as<const T>(), head_of(k), v.data_as<const T>(), head_of(v),
-          dout.data_as<const T>(), head_of(dout), lse.data_as<const float>(), di.as<float>(), m, dq.data_as<T>(),
-          head_of(dq), s);
-      ZF_CUDA_CHECK_LAUNCH("attention_backward_queries");
+      for_each_head_block(s, unsigned((s.seq_q + kTile - 1) / kTile), [&](dim3 grid, const Shape& part) {
+        attention_backward_queries<T><<<grid, 32, qshared, stream>>>(
+            q.data_as<const T>(), head_of(q), k.data_as<const T>(), head_of(k), v.data_as<const T>(), head_of(v),
+            dout.data_as<const T>(), head_of(dout), lse.data_as<const float>(), di.as<float>(), m, dq.data_as<T>(),
+            head_of(dq), part);
+        ZF_CUDA_CHECK_LAUNCH("attention_backward_queries");
+      });
     }
   });
 }

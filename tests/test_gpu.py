@@ -219,7 +219,9 @@ def test_step_control_matches_the_cpu():
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 16), (1, 2, 129, 65, 64), (2, 2, 200, 200, 128), (1, 1, 33, 47, 80)],
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7, 16), (1, 2, 129, 65, 64), (2, 2, 200, 200, 128), (1, 1, 33, 47, 80),
+                                   # more batch elements, then more heads, than one grid dimension holds (65535)
+                                   (70_000, 1, 3, 5, 16), (1, 70_000, 2, 3, 16)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_attention(dtype, causal, shape):
     b, h, sq, sk, d = shape
