@@ -6,6 +6,10 @@ import torch
 # Tests compare against float64 references; keep them independent of the
 # machine's thread count and of each other's random state.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The engine trains on the GPU when there is one; outside the `gpu` tests it
+# is kept on the CPU (child processes inherit this), so the suite checks on a
+# GPU machine what it checks in CI. GPU tests that want the engine set "cuda".
+os.environ.setdefault("ZEROFUSE_DEVICE", "cpu")
 
 
 def pytest_collection_modifyitems(config, items):

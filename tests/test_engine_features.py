@@ -137,6 +137,22 @@ def test_param_groups_and_a_torch_optimizer_are_honoured():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_zerofuse_device_environment_variable(monkeypatch):
+    from zerofuse.runtime.distributed import local_device
+
+    monkeypatch.setenv("ZEROFUSE_DEVICE", "cpu")
+    assert local_device() == torch.device("cpu")
+    monkeypatch.setenv("ZEROFUSE_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="ZEROFUSE_DEVICE='tpu' must be 'cpu' or 'cuda'"):
+        local_device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("ZEROFUSE_DEVICE", "cuda")
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            local_device()
+        monkeypatch.delenv("ZEROFUSE_DEVICE")
+        assert local_device() == torch.device("cpu")
+
+
 def _subgroup_and_comm_dtype(rank, world):
     """Data parallel inside a larger layout (a process_group given), and bf16
     gradients reduced in fp32 (communication_data_type)."""

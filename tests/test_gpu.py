@@ -312,11 +312,12 @@ def test_attention_op_with_strided_inputs_on_cuda():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_engine_on_one_gpu_with_nccl():
+def test_engine_on_one_gpu_with_nccl(monkeypatch):
     import torch.distributed as dist
 
     from test_engine_zero import reference, train_all_cases
 
+    monkeypatch.setenv("ZEROFUSE_DEVICE", "cuda")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29611", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device(CUDA, 0))
     try:
@@ -328,6 +329,24 @@ def test_engine_on_one_gpu_with_nccl():
         ref_losses, ref_master, initial = reference(dtype, 1)
         tol = 1e-4 if dtype == "fp32" else 2e-2
         assert losses == pytest.approx(ref_losses, rel=tol), f"stage {stage} {dtype}"
+
+
+def test_engine_learning_rate_on_a_gpu_is_current_after_each_step(monkeypatch):
+    """On CUDA the host reads a step's outcome lazily; get_lr() must still
+    report the schedule stepped once per applied step, as on the CPU."""
+    from test_engine_features import make_engine
+    from tiny_gpt import batch
+
+    monkeypatch.setenv("ZEROFUSE_DEVICE", "cuda")
+    engine = make_engine({"train_micro_batch_size_per_gpu": 4, "steps_per_print": 1000,
+                          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}},
+                         lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.5))
+    assert engine.device.type == "cuda"
+    for step in range(4):
+        tokens, targets = batch(step, 4)
+        engine.backward(engine(tokens, targets))
+        engine.step()
+        assert engine.get_lr() == pytest.approx([1e-2 * 0.5 ** (step + 1)])
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

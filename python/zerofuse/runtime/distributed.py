@@ -36,9 +36,17 @@ def _env_int(name):
 
 
 def local_device() -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is usable, else the CPU."""
-    if torch.cuda.is_available():
+    """cuda:LOCAL_RANK when CUDA is usable, else the CPU. ZEROFUSE_DEVICE=cpu
+    keeps training on the CPU of a GPU machine (what DS_ACCELERATOR=cpu does
+    for DeepSpeed); ZEROFUSE_DEVICE=cuda makes a missing GPU an error."""
+    choice = os.environ.get("ZEROFUSE_DEVICE", "").strip().lower()
+    if choice not in ("", "cpu", "cuda"):
+        raise ValueError(f"environment variable ZEROFUSE_DEVICE={os.environ['ZEROFUSE_DEVICE']!r} "
+                         "must be 'cpu' or 'cuda' (or unset: the GPU when there is one)")
+    if choice != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", _env_int("LOCAL_RANK") or 0)
+    if choice == "cuda":
+        raise RuntimeError("ZEROFUSE_DEVICE=cuda but torch sees no usable CUDA device")
     return torch.device("cpu")
 
 

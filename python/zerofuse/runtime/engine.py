@@ -156,6 +156,7 @@ class Engine:
         self.training_dataloader = self._dataloader(training_data, collate_fn) if training_data is not None else None
         self.micro_steps = 0
         self._applied_seen = 0  # applied steps the scheduler has been stepped for
+        self._lr_kwargs = None  # what the last engine.step() passed on to the schedule
         self._last_loss = None
         self._skipped_reported = 0
         self._step_start = time.perf_counter()
@@ -205,6 +206,10 @@ class Engine:
         return norm if norm == norm else None
 
     def get_lr(self):
+        """Each group's learning rate for the next step: as in DeepSpeed, the
+        schedule has been stepped once per applied optimizer step. On a GPU
+        the last step's outcome is read first (a wait for the device)."""
+        self._step_scheduler_for_applied_steps(self._lr_kwargs)
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def is_gradient_accumulation_boundary(self) -> bool:
@@ -266,6 +271,7 @@ class Engine:
         self.micro_steps += 1
         if not boundary:
             return
+        self._lr_kwargs = lr_kwargs
         self._step_scheduler_for_applied_steps(lr_kwargs)
         self.optimizer.step()
         if self.device.type != "cuda":  # on the CPU the outcome is known at once; CUDA reads it lazily
