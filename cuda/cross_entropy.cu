@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads)
     if (tr == ignore_index) {
       loss[row] = 0.0f;
     } else if (tr < 0 || tr >= v) {
-      loss[row] = NAN;  // an invalid target: checking it on the host would stall
+      loss[row] = NAN;  // an invalid target: the Python op also queues a device-side assertion
     } else {
       loss[row] = row_lse - (1.0f - smoothing) * to_float(x[tr]) - smoothing * t / float(v);
     }

@@ -370,6 +370,30 @@ def test_cross_entropy_kernels(dtype, v):
     assert torch.equal(logits, dlogits)
 
 
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_cross_entropy_out_of_range_target_fails_on_cuda(op):
+    """As torch's own cross_entropy on CUDA: a device-side assertion, no host
+    sync. It poisons the CUDA context, so it runs in a child process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import torch, zerofuse.ops as ops
+        x, w = torch.randn(8, 16, device="cuda"), torch.randn(10, 16, device="cuda")
+        target = torch.tensor([0, 1, 2, 3, 4, 5, 6, 10], device="cuda")  # 10 is out of range
+        if "{op}" == "cross_entropy":
+            ops.cross_entropy(x @ w.t(), target)
+        else:
+            ops.linear_cross_entropy(x, w, target)
+        torch.cuda.synchronize()
+        print("NO ERROR")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "NO ERROR" not in result.stdout
+    assert "device-side assert" in result.stderr or "outside [0, 10)" in result.stderr, result.stderr[-2000:]
+
+
 def test_linear_cross_entropy_on_cuda_matches_unfused():
     hidden = torch.randn(300, 64, device=CUDA, requires_grad=True)
     weight = torch.randn(1000, 64, device=CUDA, requires_grad=True)

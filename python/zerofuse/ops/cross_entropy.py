@@ -35,10 +35,22 @@ def _reduce(rows, target, ignore_index, reduction):
     return rows.sum() / (target != ignore_index).sum()
 
 
+def _assert_targets_in_range(target, classes, ignore_index, op):
+    """On the CPU the core checks every target before any work and raises a
+    ValueError. On a GPU that check would stall the host, so, as torch's own
+    cross_entropy does, a device-side assertion is queued instead: an invalid
+    target fails the next CUDA call (and leaves the loss row NaN), without a sync."""
+    if target.is_cuda and target.numel():
+        valid = ((target >= 0) & (target < classes)) | (target == ignore_index)
+        torch._assert_async(valid.all(), f"{op}: a target is outside [0, {classes}) and is not ignore_index "
+                                         f"({ignore_index})")
+
+
 # --- cross_entropy ---------------------------------------------------------------------------------
 
 
 def _ce_impl(logits, target, ignore_index, label_smoothing, inplace_backward):
+    _assert_targets_in_range(target, logits.shape[1], ignore_index, "zerofuse.ops.cross_entropy")
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss)
     _C.cross_entropy_forward(logits, target, ignore_index, label_smoothing, loss, lse, stream_of(logits))
@@ -133,6 +145,7 @@ def _lce_forward_impl(hidden, weight, target, bias, ignore_index, reduction, chu
     chunk while each chunk's logits exist."""
     n, v = hidden.shape[0], weight.shape[0]
     device = hidden.device
+    _assert_targets_in_range(target, v, ignore_index, "zerofuse.ops.linear_cross_entropy")
     loss = torch.empty(n, dtype=torch.float32, device=device)
     grads = compute_grad and reduction != 0
     dhidden = torch.empty_like(hidden) if grads else hidden.new_empty(0)
