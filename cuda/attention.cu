@@ -12,9 +12,10 @@
 //   queries pass: one warp per 32 queries; lane i accumulates dQ of query i.
 // Nothing is shared between blocks, so no atomics and the same bits every run.
 //
-// head_dim up to 256. This is the correct baseline for every case; the forward
-// of float16/bfloat16 with head_dim 64 or 128 goes to the tensor-core kernel in
-// attention_mma.cu. A tensor-core backward is not written yet.
+// head_dim up to 256. This is the correct baseline for every case; float16/
+// bfloat16 with head_dim 64 or 128 go to the tensor-core kernels of
+// attention_mma.cu (forward) and attention_mma_backward.cu (backward, after the
+// row-dot pass here).
 #include <cmath>
 
 #include "common.cuh"
@@ -337,6 +338,8 @@ void attention_backward(const TensorView& dout, const TensorView& q, const Tenso
                                                                           di.as<float>(), s);
       ZF_CUDA_CHECK_LAUNCH("attention_row_dot");
     }
+    if (attention_backward_tensor_cores(dout, q, k, v, lse, di.as<float>(), mask, config, dq, dk, dv, st))
+      return;  // attention_mma_backward.cu took it
     const std::size_t shared = sizeof(float) * (4 * kTile * (s.dim + 1) + 2 * s.dim);
     if (s.seq_k > 0 && s.batch * s.heads > 0) {
       allow_shared(reinterpret_cast<const void*>(attention_backward_keys<T>), shared);

@@ -8,25 +8,19 @@
 //   3. O += P V           P rounded to the input type, reused straight from the
 //                         S accumulators as A fragments (no shared memory),
 //                         V's B fragments by ldmatrix.trans.
-// Then O / l is written and the row logsumexp saved for the backward (the
-// backward is still the CUDA-core kernel of attention.cu).
+// Then O / l is written and the row logsumexp saved for the backward
+// (attention_mma_backward.cu).
 //
-// Fragment layouts (PTX ISA, mma.m16n8k16 with 16-bit A/B): lane = 4 g + c;
-//   A (16x16, row):  a0 = A[g][2c..2c+1]  a1 = A[g+8][2c..]  a2 = A[g][8+2c..]  a3 = A[g+8][8+2c..]
-//   B (16x8, col):   b0 = B[2c..2c+1][g]  b1 = B[8+2c..8+2c+1][g]
-//   C (16x8, f32):   c0,c1 = C[g][2c, 2c+1]   c2,c3 = C[g+8][2c, 2c+1]
-// so a thread owns rows g and g+8 of its warp's 16, and the quad (same g)
-// together holds whole rows: row reductions are two xor-shuffles.
+// Fragment layouts and the mma helpers: mma.cuh.
 //
 // Taken for float16/bfloat16, head_dim 64 or 128, 16-byte aligned rows;
 // anything else goes to the CUDA-core kernel. Setting ZEROFUSE_CUDA_ATTENTION=
 // baseline forces that kernel too (for comparing the two).
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "common.cuh"
 #include "cuda_kernels.h"
+#include "mma.cuh"
 
 namespace zerofuse::cuda {
 namespace {
@@ -37,64 +31,13 @@ constexpr int kWarps = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-struct Rows {  // a [B, H, S, D] view: element (b, h, s, c) at base + b*sb + h*sh + s*ss + c
-  std::int64_t sb, sh, ss;
-};
+using namespace mma;
 
 struct Problem {
   int heads, seq_q, seq_k;
   float scale_log2;  // softmax scale times log2(e): the kernel works in powers of 2
   bool causal;
 };
-
-template <typename T>
-struct Mma;
-template <>
-struct Mma<__nv_bfloat16> {
-  __device__ __forceinline__ static void run(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
-                                             std::uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static std::uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-    std::uint32_t u;
-    memcpy(&u, &v, 4);
-    return u;
-  }
-};
-template <>
-struct Mma<__half> {
-  __device__ __forceinline__ static void run(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
-                                             std::uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static std::uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    std::uint32_t u;
-    memcpy(&u, &v, 4);
-    return u;
-  }
-};
-
-// Two consecutive 16-bit elements as one 32-bit word (4-byte aligned by the host's checks).
-__device__ __forceinline__ std::uint32_t load_pair(const void* p) { return *static_cast<const std::uint32_t*>(p); }
-
-// Four 8x8 matrices of 16-bit elements, transposed on the way in: lane l
-// gives the address of row l % 8 of matrix l / 8.
-__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* smem_row) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 
 // No __launch_bounds__: with it ptxas held sm_80 to 168 registers and spilled
 // 48 bytes at head_dim 128.
@@ -137,18 +80,9 @@ __global__ void attention_forward_mma(const T* q, Rows qr, const T* k, Rows kr, 
   const int key_end = p.causal ? min(p.seq_k, block_last_row + 1) : p.seq_k;
   for (int key0 = 0; key0 < key_end; key0 += kBlockN) {
     __syncthreads();  // every warp is done with the previous tile
-    // 16-byte loads: a row of D elements is D / 8 chunks; keys past the end are zeros
-    // (V's must be: 0 * garbage could be NaN).
-    for (int idx = threadIdx.x; idx < kBlockN * (D / 8); idx += kWarps * 32) {
-      const int r = idx / (D / 8), col = (idx % (D / 8)) * 8, key = key0 + r;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (key < p.seq_k) {
-        kv = *reinterpret_cast<const uint4*>(kb + key * kr.ss + col);
-        vv = *reinterpret_cast<const uint4*>(vb + key * vr.ss + col);
-      }
-      *reinterpret_cast<uint4*>(ks + r * kStride + col) = kv;
-      *reinterpret_cast<uint4*>(vs + r * kStride + col) = vv;
-    }
+    // Keys past the end are zeros (V's must be: 0 * garbage could be NaN).
+    stage_rows<T, D>(ks, kStride, kb, kr.ss, key0, kBlockN, p.seq_k, threadIdx.x, kWarps * 32);
+    stage_rows<T, D>(vs, kStride, vb, vr.ss, key0, kBlockN, p.seq_k, threadIdx.x, kWarps * 32);
     __syncthreads();
 
     // 1. S = Q K^T: B[k][n] = K[key n][dim k], so b0/b1 are pairs along a K row.
@@ -198,25 +132,9 @@ __global__ void attention_forward_mma(const T* q, Rows qr, const T* k, Rows kr, 
       }
     }
 
-    // 3. O += P V. P's A fragment for keys 16 kk .. 16 kk + 15 is S's C fragments
-    // of n-tiles 2 kk and 2 kk + 1; V's B fragments come four at a time from
-    // ldmatrix.trans: matrices (keys +0, dims +0), (keys +8, dims +0),
-    // (keys +0, dims +8), (keys +8, dims +8) -> b0, b1 of two n-tiles.
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const std::uint32_t a[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]), Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                                  Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                  Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const int matrix = lane / 8, matrix_row = lane % 8;
-      const T* vrow = vs + (kk * 16 + (matrix & 1) * 8 + matrix_row) * kStride + (matrix >> 1) * 8;
-#pragma unroll
-      for (int nt2 = 0; nt2 < D / 16; ++nt2) {
-        std::uint32_t bf[4];
-        ldmatrix_x4_trans(bf, vrow + nt2 * 16);
-        Mma<T>::run(o[2 * nt2], a, bf[0], bf[1]);
-        Mma<T>::run(o[2 * nt2 + 1], a, bf[2], bf[3]);
-      }
-    }
+    // 3. O += P V: P's A fragments straight from S's accumulators, V's B
+    // fragments by ldmatrix.trans.
+    accumulate_c_times_tile<T, kBlockN, D>(o, s, vs, kStride, lane);
   }
 
   // O / l, and lse = ln(l) + max (the max is in log2 units). A row that saw
@@ -239,21 +157,6 @@ __global__ void attention_forward_mma(const T* q, Rows qr, const T* k, Rows kr, 
       lse[(std::int64_t(b) * p.heads + h) * p.seq_q + row] =
           total > 0.0f ? (row_max[half] + log2f(total)) * kLn2 : -INFINITY;
   }
-}
-
-Rows rows_of(const TensorView& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
-
-// Rows start on 16-byte boundaries (base and every stride but the last), so
-// the uint4 tile loads and the 32-bit fragment loads are aligned.
-bool rows_aligned(const TensorView& t) {
-  const std::int64_t elements = 16 / std::int64_t(t.element_size());
-  return reinterpret_cast<std::uintptr_t>(t.data) % 16 == 0 && t.strides[0] % elements == 0 &&
-         t.strides[1] % elements == 0 && t.strides[2] % elements == 0;
-}
-
-bool forced_baseline() {
-  const char* forced = std::getenv("ZEROFUSE_CUDA_ATTENTION");
-  return forced != nullptr && std::strcmp(forced, "baseline") == 0;
 }
 
 }  // namespace

@@ -48,6 +48,12 @@ void bias_gelu_backward(const TensorView& dy, const TensorView& x, const TensorV
 bool attention_forward_tensor_cores(const TensorView& q, const TensorView& k, const TensorView& v,
                                     const TensorView* mask, const AttentionConfig& config, const TensorView& out,
                                     const TensorView& lse, Stream stream);
+// The mma.sync backward (attention_mma_backward.cu), taken in the same cases as
+// the forward; `di` holds rowsum(dO * O) per (batch, head, query) row.
+bool attention_backward_tensor_cores(const TensorView& dout, const TensorView& q, const TensorView& k,
+                                     const TensorView& v, const TensorView& lse, const float* di,
+                                     const TensorView* mask, const AttentionConfig& config, const TensorView& dq,
+                                     const TensorView& dk, const TensorView& dv, Stream stream);
 void masked_softmax_forward(const TensorView& x, const TensorView* mask, const MaskedSoftmaxConfig& config,
                             const TensorView& y, Stream stream);
 void masked_softmax_backward(const TensorView& dy, const TensorView& y, float scale, const TensorView& dx,

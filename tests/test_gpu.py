@@ -243,27 +243,46 @@ def test_attention(dtype, causal, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_tensor_core_forward_against_the_cuda_core_one(dtype, causal, monkeypatch):
-    """fp16/bf16 at head_dim 64/128 take the mma.sync forward; the CUDA-core
-    kernel (forced by ZEROFUSE_CUDA_ATTENTION=baseline) must agree with it
-    and with float64, including rows past the last full tile and a query
-    that sees no key."""
-    b, h, sq, sk, d = 2, 3, 131, 77, 128
+@pytest.mark.parametrize("shape", [(2, 3, 131, 77, 128), (1, 2, 70, 200, 64), (2, 2, 64, 64, 64), (1, 1, 1, 3, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_attention_tensor_core_kernels_against_the_cuda_core_ones(dtype, causal, shape, monkeypatch):
+    """fp16/bf16 at head_dim 64/128 take the mma.sync forward and backward;
+    the CUDA-core kernels (forced by ZEROFUSE_CUDA_ATTENTION=baseline) must
+    agree with them and both with float64, including rows and keys past the
+    last full tile, more keys than queries and fewer, and a batch element
+    whose queries see no key. The backward must give the same bits twice."""
+    b, h, sq, sk, d = shape
     q, k, v = (torch.randn(b, h, n, d, device=CUDA).to(dtype) for n in (sq, sk, sk))
+    dout = torch.randn(b, h, sq, d, device=CUDA).to(dtype)
     mask = torch.rand(b, sk, device=CUDA) > 0.3
-    mask[1] = False  # batch 1 sees nothing: zeros and lse = -inf
+    mask[:, 0] = True
+    if b > 1:
+        mask[1] = False  # batch 1 sees nothing: zeros, lse = -inf, zero gradients
+    scale = d ** -0.5
     results = {}
-    for kernel in ("default", "baseline"):
+    for kernel in ("tensor cores", "baseline"):
         if kernel == "baseline":
             monkeypatch.setenv("ZEROFUSE_CUDA_ATTENTION", "baseline")
         out, lse = nan_like(q), torch.full((b, h, sq), float("nan"), device=CUDA)
-        _C.attention_forward(q, k, v, mask, causal, d ** -0.5, out, lse)
-        results[kernel] = (out, lse)
-    ref, _ = attention_reference(q.cpu(), k.cpu(), v.cpu(), causal, mask.cpu(), d ** -0.5)
-    for kernel, (out, lse) in results.items():
+        _C.attention_forward(q, k, v, mask, causal, scale, out, lse)
+        grads = []
+        for _ in range(2):
+            dq, dk, dv = nan_like(q), nan_like(k), nan_like(v)
+            _C.attention_backward(dout, q, k, v, out, lse, mask, causal, scale, dq, dk, dv)
+            grads.append((dq, dk, dv))
+        for first, second in zip(*grads):
+            assert torch.equal(first, second), f"{kernel}: the backward is not deterministic"
+        results[kernel] = (out, lse, *grads[0])
+    ref, (q64, k64, v64) = attention_reference(q.cpu(), k.cpu(), v.cpu(), causal, mask.cpu(), scale)
+    ref.backward(dout.double().cpu())
+    for kernel, (out, lse, dq, dk, dv) in results.items():
         assert_close(out, ref, dtype, factor=8, what=f"{kernel} out")
-        assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
-    torch.testing.assert_close(results["default"][1], results["baseline"][1], rtol=1e-3, atol=1e-3)
+        for got, want, what in ((dq, q64.grad, "dq"), (dk, k64.grad, "dk"), (dv, v64.grad, "dv")):
+            assert_close(got, want, dtype, factor=16, what=f"{kernel} {what}")
+        if b > 1:
+            assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
+            assert all(torch.all(g[1] == 0) for g in (dq, dk, dv))
+    torch.testing.assert_close(results["tensor cores"][1], results["baseline"][1], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
