@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Everything a lent GPU has to run, as one command (device time is scarce:
+# 15 minutes per task, the machine's start included). From a session:
+#
+#   run(command="bash bench/gpu_session.sh", timeout_s=560)
+#
+# then copy what came back ($OUT/results/*.json) into bench/results/ and commit
+# it. Steps are time-boxed so the run ends inside the call's limit with
+# whatever it reached; each writes its log under $OUT (8 files come back at
+# most: log.txt, gpu-tests.xml and up to 5 results files).
+#
+# ZF_GPU_STEPS picks steps (default: "build tests kernels attention fused_ops train"),
+# e.g. ZF_GPU_STEPS="build tests" for a correctness-only rerun.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/zerofuse-gpu}
+mkdir -p "$OUT/results"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+STEPS=${ZF_GPU_STEPS:-build tests kernels attention fused_ops train}
+start=$SECONDS
+step() { echo; echo "== $1 (t=$((SECONDS - start)) s)"; }
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+
+if wants build; then
+  step "build: pip install --no-build-isolation --no-deps -e . (sm_90 only: this machine's)"
+  # --no-deps: the machine has no network, and torch, tqdm and matplotlib are there.
+  python3 -m pip install -q --no-build-isolation --no-deps -e . \
+    -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 || { echo "BUILD FAILED"; exit 1; }
+fi
+python3 -m zerofuse env
+
+if wants tests; then
+  step "tests: pytest -m gpu"
+  timeout 240 python3 -m pytest -m gpu -q -rfE --junitxml="$OUT/gpu-tests.xml" -p no:cacheprovider tests/
+  echo "pytest -m gpu: rc=$?"
+fi
+
+bench() {  # name, time limit (s), extra arguments
+  local name=$1 limit=$2
+  shift 2
+  step "bench/$name.py $*"
+  timeout "$limit" python3 "bench/$name.py" --out "$OUT/results" "$@"
+  echo "bench/$name.py: rc=$?"
+}
+wants kernels && bench kernels 90
+wants attention && bench attention 60
+wants fused_ops && bench fused_ops 60
+wants train && bench train_gpt2 120 --steps 20
+
+step "done"
+ls -l "$OUT" "$OUT/results"
