@@ -65,6 +65,28 @@ def test_low_precision_input_with_float32_parameters(dtype):
     assert_close(b.grad, db_ref, torch.float32, factor=64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_output_rounding_matches_torch_including_ties_nan_and_overflow(dtype):
+    """With weight 0 and a float32 bias, y is the bias rounded to the input
+    dtype: the vectorised row conversion must round exactly as torch does
+    (to nearest, ties to even), keep NaN, overflow to inf, and handle the
+    elements after the last full vector (771 = 96 * 8 + 3)."""
+    d = 771
+    finfo = torch.finfo(dtype)
+    representable = (torch.randn(d) * 100).to(dtype).float()
+    ulp = representable.abs().clamp_min(finfo.tiny) * finfo.eps
+    bias = representable + ulp * torch.tensor([0.5, -0.5, 0.25, 0.75, 0.0]).repeat(d // 5 + 1)[:d]  # ties and not
+    bias[:12] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38, -3.0e38, 1e-40, -1e-40,
+                              finfo.max * 1.0009765625, 65520.0, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -9, 0.0])
+    bias[-3:] = torch.tensor([1.0 + 2.0 ** -11, float("nan"), 2.5 * finfo.eps])  # the scalar tail
+    x = torch.randn(5, d).to(dtype)
+    out = torch.full_like(x, 7.0)
+    _C.layer_norm_forward(x, torch.zeros(d), bias, 1e-5, out, torch.empty(5), torch.empty(5))
+    want = bias.to(dtype).expand(5, d)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out.nan_to_num(0.0), want.nan_to_num(0.0))
+
+
 def test_multi_dimensional_normalized_shape_and_leading_dims():
     x = torch.randn(2, 3, 4, 5, requires_grad=True)
     w = torch.randn(4, 5, requires_grad=True)

@@ -122,9 +122,10 @@ def main(argv=None):
     fwd, both = bench_layer_norm(16384 // scale, 768, torch.float32, repeat)
     results["layernorm/16384x768/fp32/fwd"] = fwd
     results["layernorm/16384x768/fp32/fwd+bwd"] = both
-    fwd, both = bench_layer_norm(16384 // scale, 768, torch.bfloat16, repeat)
-    results["layernorm/16384x768/bf16/fwd"] = fwd
-    results["layernorm/16384x768/bf16/fwd+bwd"] = both
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        fwd, both = bench_layer_norm(16384 // scale, 768, dtype, repeat)
+        results[f"layernorm/16384x768/{name}/fwd"] = fwd
+        results[f"layernorm/16384x768/{name}/fwd+bwd"] = both
     with torch.no_grad():
         results["attention/causal/4x12x512x64/fp32/fwd"] = bench_attention(4 // min(scale, 4), 12, 512, 64, repeat)
     b = 4 // min(scale, 4)
