@@ -46,23 +46,51 @@ AdamCoefficients coefficients(const AdamConfig& c) {
   return k;
 }
 
+inline __attribute__((always_inline)) void adam_element(float& p, float g, float& m, float& v,
+                                                         const AdamCoefficients& k) {
+  g = g * k.grad_multiplier + k.l2 * p;
+  m = k.beta1 * m + k.one_minus_beta1 * g;
+  v = k.beta2 * v + k.one_minus_beta2 * g * g;
+  p *= k.decay;
+  p -= k.step_size * (m / (std::sqrt(v) / k.bias_correction2_sqrt + k.eps));
+}
+
+// float16 operands are converted a block at a time by to_float_row /
+// from_float_row (AVX2/F16C): converting element by element does not
+// vectorise, and float16 gradients made a step 2.9x slower than bfloat16 ones.
+template <typename T>
+constexpr bool kIsHalf = std::is_same_v<T, Half>;
+
 template <typename P, typename G, typename S, typename C>
 void adam_range(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
                 S* __restrict exp_avg_sq, C* __restrict copy, std::int64_t n,
                 const AdamCoefficients& k) {
-  for (std::int64_t i = 0; i < n; ++i) {
-    float g = to_float(grad[i]) * k.grad_multiplier;
-    float p = to_float(param[i]);
-    g += k.l2 * p;
-    const float m = k.beta1 * to_float(exp_avg[i]) + k.one_minus_beta1 * g;
-    const float v = k.beta2 * to_float(exp_avg_sq[i]) + k.one_minus_beta2 * g * g;
-    p *= k.decay;
-    const float denom = std::sqrt(v) / k.bias_correction2_sqrt + k.eps;
-    p -= k.step_size * (m / denom);
-    exp_avg[i] = from_float<S>(m);
-    exp_avg_sq[i] = from_float<S>(v);
-    param[i] = from_float<P>(p);
-    if constexpr (!std::is_same_v<C, NoCopy>) copy[i] = from_float<C>(p);
+  constexpr bool kHasCopy = !std::is_same_v<C, NoCopy>;
+  if constexpr (kIsHalf<P> || kIsHalf<G> || kIsHalf<S> || kIsHalf<C>) {
+    constexpr std::int64_t kBlock = 256;
+    float p[kBlock], g[kBlock], m[kBlock], v[kBlock];
+    for (std::int64_t i0 = 0; i0 < n; i0 += kBlock) {
+      const std::int64_t len = std::min(kBlock, n - i0);
+      to_float_row(param + i0, p, len);
+      to_float_row(grad + i0, g, len);
+      to_float_row(exp_avg + i0, m, len);
+      to_float_row(exp_avg_sq + i0, v, len);
+#pragma omp simd
+      for (std::int64_t i = 0; i < len; ++i) adam_element(p[i], g[i], m[i], v[i], k);
+      from_float_row(p, param + i0, len);
+      from_float_row(m, exp_avg + i0, len);
+      from_float_row(v, exp_avg_sq + i0, len);
+      if constexpr (kHasCopy) from_float_row(p, copy + i0, len);
+    }
+  } else {
+    for (std::int64_t i = 0; i < n; ++i) {
+      float p = to_float(param[i]), m = to_float(exp_avg[i]), v = to_float(exp_avg_sq[i]);
+      adam_element(p, to_float(grad[i]), m, v, k);
+      exp_avg[i] = from_float<S>(m);
+      exp_avg_sq[i] = from_float<S>(v);
+      param[i] = from_float<P>(p);
+      if constexpr (kHasCopy) copy[i] = from_float<C>(p);
+    }
   }
 }
 
