@@ -9,7 +9,7 @@
 # whatever it reached; each writes its log under $OUT (8 files come back at
 # most: log.txt, gpu-tests.xml and up to 5 results files).
 #
-# ZF_GPU_STEPS picks steps (default: "build tests kernels attention fused_ops train"),
+# ZF_GPU_STEPS picks steps (default: "build tests dev kernels attention fused_ops train"),
 # e.g. ZF_GPU_STEPS="build tests" for a correctness-only rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ OUT=${OUT:-/tmp/zerofuse-gpu}
 mkdir -p "$OUT/results"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
-STEPS=${ZF_GPU_STEPS:-build tests kernels attention fused_ops train}
+STEPS=${ZF_GPU_STEPS:-build tests dev kernels attention fused_ops train}
 start=$SECONDS
 step() { echo; echo "== $1 (t=$((SECONDS - start)) s)"; }
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -34,6 +34,14 @@ if wants tests; then
   step "tests: pytest -m gpu"
   timeout 240 python3 -m pytest -m gpu -q -rfE --junitxml="$OUT/gpu-tests.xml" -p no:cacheprovider tests/
   echo "pytest -m gpu: rc=$?"
+fi
+
+if wants dev; then
+  step "dev/cuda: kernel versions, each validated against float64 before it is timed"
+  cmake -S dev/cuda -B build/dev-cuda -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_PREFIX_PATH="$(python3 -m zerofuse cmake-prefix)" > /dev/null && cmake --build build/dev-cuda &&
+    { timeout 60 build/dev-cuda/dev_layernorm_forward all; echo "dev_layernorm_forward: rc=$?";
+      timeout 90 build/dev-cuda/dev_adam all; echo "dev_adam: rc=$?"; }
 fi
 
 bench() {  # name, time limit (s), extra arguments
