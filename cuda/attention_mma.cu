@@ -164,28 +164,19 @@ __global__ void attention_forward_mma(const T* q, Rows qr, const T* k, Rows kr, 
 bool attention_forward_tensor_cores(const TensorView& q, const TensorView& k, const TensorView& v,
                                     const TensorView* mask, const AttentionConfig& config, const TensorView& out,
                                     const TensorView& lse, Stream st) {
-  const int dim = int(q.shape[3]);
-  if ((q.dtype != DType::Float16 && q.dtype != DType::BFloat16) || (dim != 64 && dim != 128)) return false;
-  if (!rows_aligned(q) || !rows_aligned(k) || !rows_aligned(v) || !rows_aligned(out) || forced_baseline())
-    return false;
+  if (!tensor_cores_take(q.dtype, int(q.shape[3]), {&q, &k, &v, &out})) return false;
   if (q.shape[0] * q.shape[1] >= std::int64_t(1) << 31 || q.shape[2] > std::int64_t(65535) * kBlockM) return false;
   const Problem p{int(q.shape[1]), int(q.shape[2]), int(k.shape[2]), config.scale * kLog2e, config.causal};
   const dim3 grid(unsigned(q.shape[0] * q.shape[1]), unsigned((p.seq_q + kBlockM - 1) / kBlockM));
   const bool* m = mask ? mask->data_as<const bool>() : nullptr;
-  auto launch = [&](auto tag, auto dim_tag) {
+  dispatch_tensor_core_types(q.dtype, int(q.shape[3]), [&](auto tag, auto dim_tag) {
     using T = decltype(tag);
     constexpr int kDim = decltype(dim_tag)::value;
     attention_forward_mma<T, kDim><<<grid, kWarps * 32, 0, stream_of(st)>>>(
         q.data_as<const T>(), rows_of(q), k.data_as<const T>(), rows_of(k), v.data_as<const T>(), rows_of(v), m,
         out.data_as<T>(), rows_of(out), lse.data_as<float>(), p);
     ZF_CUDA_CHECK_LAUNCH("attention_forward_mma");
-  };
-  auto by_dim = [&](auto tag) {
-    if (dim == 64) launch(tag, std::integral_constant<int, 64>{});
-    else launch(tag, std::integral_constant<int, 128>{});
-  };
-  if (q.dtype == DType::BFloat16) by_dim(__nv_bfloat16{});
-  else by_dim(__half{});
+  });
   return true;
 }
 

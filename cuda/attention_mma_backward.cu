@@ -243,11 +243,7 @@ bool attention_backward_tensor_cores(const TensorView& dout, const TensorView& q
                                      const TensorView& v, const TensorView& lse, const float* di,
                                      const TensorView* mask, const AttentionConfig& config, const TensorView& dq,
                                      const TensorView& dk, const TensorView& dv, Stream st) {
-  const int dim = int(q.shape[3]);
-  if ((q.dtype != DType::Float16 && q.dtype != DType::BFloat16) || (dim != 64 && dim != 128)) return false;
-  for (const TensorView* t : {&dout, &q, &k, &v, &dq, &dk, &dv})
-    if (!rows_aligned(*t)) return false;
-  if (forced_baseline()) return false;
+  if (!tensor_cores_take(q.dtype, int(q.shape[3]), {&dout, &q, &k, &v, &dq, &dk, &dv})) return false;
   const std::int64_t heads_total = q.shape[0] * q.shape[1];
   const std::int64_t max_rows = std::int64_t(65535) * kRowsPerBlock;
   if (heads_total >= std::int64_t(1) << 31 || q.shape[2] > max_rows || k.shape[2] > max_rows) return false;
@@ -257,7 +253,7 @@ bool attention_backward_tensor_cores(const TensorView& dout, const TensorView& q
                   config.causal};
   const bool* m = mask ? mask->data_as<const bool>() : nullptr;
   const cudaStream_t stream = stream_of(st);
-  auto launch = [&](auto tag, auto dim_tag) {
+  dispatch_tensor_core_types(q.dtype, int(q.shape[3]), [&](auto tag, auto dim_tag) {
     using T = decltype(tag);
     constexpr int kDim = decltype(dim_tag)::value;
     if (p.seq_k > 0) {
@@ -280,13 +276,7 @@ bool attention_backward_tensor_cores(const TensorView& dout, const TensorView& q
           p);
       ZF_CUDA_CHECK_LAUNCH("attention_backward_queries_mma");
     }
-  };
-  auto by_dim = [&](auto tag) {
-    if (dim == 64) launch(tag, std::integral_constant<int, 64>{});
-    else launch(tag, std::integral_constant<int, 128>{});
-  };
-  if (q.dtype == DType::BFloat16) by_dim(__nv_bfloat16{});
-  else by_dim(__half{});
+  });
   return true;
 }
 

@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -168,6 +170,27 @@ inline bool rows_aligned(const TensorView& t) {
 inline bool forced_baseline() {
   const char* forced = std::getenv("ZEROFUSE_CUDA_ATTENTION");
   return forced != nullptr && std::strcmp(forced, "baseline") == 0;
+}
+
+// Whether the tensor-core attention kernels take a problem: float16/bfloat16,
+// head_dim 64 or 128, every tensor's rows 16-byte aligned, not forced off.
+inline bool tensor_cores_take(DType dtype, int head_dim, std::initializer_list<const TensorView*> tensors) {
+  if ((dtype != DType::Float16 && dtype != DType::BFloat16) || (head_dim != 64 && head_dim != 128)) return false;
+  for (const TensorView* t : tensors)
+    if (!rows_aligned(*t)) return false;
+  return !forced_baseline();
+}
+
+// Calls fn(T{}, std::integral_constant<int, D>{}) with T and D the element
+// type and head_dim of a problem tensor_cores_take() accepted.
+template <typename Fn>
+void dispatch_tensor_core_types(DType dtype, int head_dim, Fn&& fn) {
+  auto by_dim = [&](auto tag) {
+    if (head_dim == 64) fn(tag, std::integral_constant<int, 64>{});
+    else fn(tag, std::integral_constant<int, 128>{});
+  };
+  if (dtype == DType::BFloat16) by_dim(__nv_bfloat16{});
+  else by_dim(__half{});
 }
 
 }  // namespace zerofuse::cuda::mma
