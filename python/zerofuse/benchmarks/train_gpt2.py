@@ -1,7 +1,9 @@
 """GPT-2 124M training step on one GPU: zerofuse's engine (bf16 parameters, fused
 LayerNorm / attention / optimizer) against the same model in plain PyTorch
-(fp32 parameters, bf16 autocast, SDPA, fused AdamW, gradient clipping), in the
-same run: tokens/s, model FLOP utilisation and peak memory.
+(fp32 parameters, bf16 autocast, SDPA, fused AdamW, gradient clipping), the
+same under torch.compile, and the data-parallel peers at world size 1 (DDP +
+ZeroRedundancyOptimizer, FSDP2, DeepSpeed ZeRO-1 when installed), in the same
+run: tokens/s, model FLOP utilisation and peak memory.
 
     python bench/train_gpt2.py       # writes bench/results/<device>-train_gpt2-<date>.json
 """
@@ -15,6 +17,7 @@ import torch
 import zerofuse
 from zerofuse.models import GPT, GPTConfig
 
+from . import train_peers
 from .common import write_results
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -149,6 +152,17 @@ def main(argv=None):
         "speedup": round(zf["tokens_per_s"] / pt["tokens_per_s"], 3),
         "speedup_vs_compile": round(zf["tokens_per_s"] / compiled["tokens_per_s"], 3),
         "max_error": abs(zf["first_losses"][0] - pt["first_losses"][0])}}
+    peers = {"ddp_zero_redundancy": train_peers.run_ddp_zero, "fsdp2": train_peers.run_fsdp2}
+    if train_peers.deepspeed_available():
+        peers["deepspeed_zero1"] = train_peers.run_deepspeed
+    for name, fn in peers.items():
+        try:
+            r = measure(name, fn, config, data, warmup=5)
+            r["zerofuse_speedup"] = round(zf["tokens_per_s"] / r["tokens_per_s"], 3)
+        except Exception as e:  # a peer that cannot run here is recorded, not fatal
+            r = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"{name:>8}: did not run ({r['error']})")
+        results["gpt2_124M/B16_T1024/bf16"][name] = r
     print(f"speedup {results['gpt2_124M/B16_T1024/bf16']['speedup']}x")
     results["gpt2_124M/B16_T1024/bf16"]["engine_step_breakdown_ms"] = breakdown(config, data)
     print("engine step, GPU ms by category:", results["gpt2_124M/B16_T1024/bf16"]["engine_step_breakdown_ms"])

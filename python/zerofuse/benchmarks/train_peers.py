@@ -1,0 +1,128 @@
+"""The data-parallel peers of bench/train_gpt2.py, each training the same GPT
+(torch's LayerNorm and SDPA, bf16 compute, fused AdamW, gradient clipping) at
+world size 1 in this process: DDP + ZeroRedundancyOptimizer, FSDP2 and, when
+it is installed, DeepSpeed ZeRO-1. Each returns (seconds after warm-up, losses)."""
+import contextlib
+import io
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from zerofuse.models import GPT, GPTConfig
+
+
+def ensure_process_group(device):
+    """A world-size-1 process group (NCCL on CUDA, gloo on the CPU), unless one exists."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=0, world_size=1,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+
+
+def _baseline_model(config, device):
+    torch.manual_seed(0)  # the same initial weights as the other runs
+    return GPT(GPTConfig(**{**config.__dict__, "fused": False})).to(device)
+
+
+def _timed_loop(data, warmup, step):
+    losses = []
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(data):
+        if i == warmup:
+            _sync(x.device)
+            start = time.perf_counter()
+        losses.append(step(x, y))
+    _sync(data[0][0].device)
+    return time.perf_counter() - start, [float(l) for l in losses]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_ddp_zero(config, data, warmup):
+    """DDP + ZeroRedundancyOptimizer(AdamW, fused=True), bf16 autocast."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = data[0][0].device
+    ensure_process_group(device)
+    model = _baseline_model(config, device)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = ZeroRedundancyOptimizer(model.param_groups(0.1), optimizer_class=torch.optim.AdamW, lr=6e-4,
+                                  betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = ddp(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return _timed_loop(data, warmup, step)
+
+
+def run_fsdp2(config, data, warmup):
+    """FSDP2: fully_shard(reshard_after_forward=False) per block and at the root,
+    bf16 parameters for compute with float32 gradient reduction, fused AdamW."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device = data[0][0].device
+    ensure_process_group(device)
+    model = _baseline_model(config, device)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, reshard_after_forward=False, mp_policy=policy)
+    fully_shard(model, reshard_after_forward=False, mp_policy=policy)
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
+                            fused=device.type == "cuda")
+
+    def step(x, y):
+        loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return _timed_loop(data, warmup, step)
+
+
+def deepspeed_available():
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def run_deepspeed(config, data, warmup):
+    """DeepSpeed ZeRO-1 with bf16 and its fused Adam, the engine's own config."""
+    import deepspeed
+
+    device = data[0][0].device
+    ensure_process_group(device)
+    model = _baseline_model(config, device)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.param_groups(0.1), config={
+            "train_micro_batch_size_per_gpu": data[0][0].shape[0], "gradient_clipping": 1.0,
+            "steps_per_print": 10**9, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
+            "optimizer": {"type": "AdamW", "params": {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8}}})
+
+    def step(x, y):
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return _timed_loop(data, warmup, step)
