@@ -57,6 +57,7 @@ if wants dev; then
   cmake -S dev/cuda -B build/dev-cuda -G Ninja -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DCMAKE_PREFIX_PATH="$(python3 -m zerofuse cmake-prefix)" > /dev/null && cmake --build build/dev-cuda &&
     { bounded 60 build/dev-cuda/dev_layernorm_forward all; echo "dev_layernorm_forward: rc=$?";
+      bounded 60 build/dev-cuda/dev_layernorm_backward all; echo "dev_layernorm_backward: rc=$?";
       bounded 60 build/dev-cuda/dev_adam all; echo "dev_adam: rc=$?"; }
 fi
 
