@@ -44,10 +44,10 @@ struct Launch {
 
 struct Hyper {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
-  float l2, lr, weight_decay;
+  float l2;
   int adam_w_mode, bias_correction;
   float host_multiplier;  // inv_scale * clip_coef
-  double beta1_d, beta2_d, lr_d;
+  double beta1_d, beta2_d, lr_d, weight_decay_d;  // the per-step coefficients are formed in double
   double host_step;
 };
 
@@ -61,7 +61,7 @@ __device__ Coefficients coefficients(const Hyper& h, const float* grad_multiplie
   Coefficients k;
   k.multiplier = h.host_multiplier * (grad_multiplier ? *grad_multiplier : 1.0f);
   const double lr = lr_tensor ? *lr_tensor : h.lr_d;
-  k.decay = h.adam_w_mode ? float(1.0 - lr * double(h.weight_decay)) : 1.0f;
+  k.decay = h.adam_w_mode ? float(1.0 - lr * h.weight_decay_d) : 1.0f;
   const double step = step_tensor ? fmax(*step_tensor, 1.0) : h.host_step;
   const double bc1 = h.bias_correction ? 1.0 - pow(h.beta1_d, step) : 1.0;
   const double bc2 = h.bias_correction ? 1.0 - pow(h.beta2_d, step) : 1.0;
@@ -137,14 +137,13 @@ Hyper hyper(const AdamConfig& c) {
   h.one_minus_beta2 = float(1.0 - c.beta2);
   h.eps = float(c.eps);
   h.l2 = c.adam_w_mode ? 0.0f : float(c.weight_decay);
-  h.lr = float(c.lr);
-  h.weight_decay = float(c.weight_decay);
   h.adam_w_mode = c.adam_w_mode;
   h.bias_correction = c.bias_correction;
   h.host_multiplier = float(c.inv_scale * c.clip_coef);
   h.beta1_d = c.beta1;
   h.beta2_d = c.beta2;
   h.lr_d = c.lr;
+  h.weight_decay_d = c.weight_decay;
   h.host_step = double(c.step);
   return h;
 }
