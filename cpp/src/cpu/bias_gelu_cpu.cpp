@@ -42,13 +42,6 @@ inline float gelu_grad(float u) {
 template <typename T>
 constexpr bool kRowBuffers = std::is_same_v<T, Half>;
 
-template <typename B>
-std::vector<float> bias_as_float(const B* b, std::int64_t d) {
-  std::vector<float> out(static_cast<std::size_t>(d));
-  for (std::int64_t j = 0; j < d; ++j) out[std::size_t(j)] = to_float(b[j]);
-  return out;
-}
-
 template <typename T, typename B, bool Tanh>
 void forward_typed(const TensorView& xv, const TensorView& bv, const TensorView& yv) {
   const std::int64_t d = xv.shape[xv.ndim - 1], rows = xv.numel() / d;
@@ -56,7 +49,7 @@ void forward_typed(const TensorView& xv, const TensorView& bv, const TensorView&
   const B* b = bv.data_as<const B>();
   T* y = yv.data_as<T>();
   detail::parallel_for(rows, std::max<std::int64_t>(1, 8192 / d), [&](std::int64_t r0, std::int64_t r1, int) {
-    const std::vector<float> bias = bias_as_float(b, d);
+    const std::vector<float> bias = vector_as(b, d, 0.0f);
     std::vector<float> buffer(kRowBuffers<T> ? std::size_t(d) : 0);
     const float* __restrict bf = bias.data();
     float* __restrict buf = buffer.data();
@@ -88,7 +81,7 @@ void backward_typed(const TensorView& dyv, const TensorView& xv, const TensorVie
   const int ranges = detail::parallel_ranges(rows, min_rows);
   std::vector<double> partial(dbv ? std::size_t(ranges) * d : 0, 0.0);
   detail::parallel_for(rows, min_rows, [&](std::int64_t r0, std::int64_t r1, int range) {
-    const std::vector<float> bias = bias_as_float(b, d);
+    const std::vector<float> bias = vector_as(b, d, 0.0f);
     std::vector<float> column(dbv ? std::size_t(d) : 0, 0.0f);
     std::vector<float> dy_buffer(kRowBuffers<T> ? std::size_t(d) : 0), x_buffer(dy_buffer.size());
     const float* __restrict bf = bias.data();

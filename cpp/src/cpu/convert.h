@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "zerofuse/half.h"
 #include "zerofuse/tensor.h"
@@ -58,6 +59,17 @@ template <typename T, typename A>
 inline T store_as(A x) {
   if constexpr (std::is_same_v<T, double>) return x;
   else return from_float<T>(float(x));
+}
+
+// The d elements at p as A (float or double), or d copies of `absent` when p
+// is null: per-row parameters (LayerNorm's weight and bias, a GELU bias)
+// converted once per thread range, so the row loops see one element type.
+template <typename A, typename W>
+std::vector<A> vector_as(const W* p, std::int64_t d, A absent) {
+  std::vector<A> out(static_cast<std::size_t>(d), absent);
+  if (p)
+    for (std::int64_t j = 0; j < d; ++j) out[static_cast<std::size_t>(j)] = A(to_float(p[j]));
+  return out;
 }
 
 // A run of n elements to float and back. Kernels that read a 16-bit row more

@@ -58,16 +58,6 @@ inline __attribute__((always_inline)) void row_stats(const T* __restrict x, std:
   rstd = A(1) / std::sqrt(sq / A(d) + eps);
 }
 
-// The affine parameters as A, one copy per thread range, so the row loops see
-// a single element type (weight 1 and bias 0 when absent).
-template <typename W, typename A>
-std::vector<A> as_compute(const W* p, std::int64_t d, A absent) {
-  std::vector<A> out(std::size_t(d), absent);
-  if (p)
-    for (std::int64_t j = 0; j < d; ++j) out[std::size_t(j)] = to_float(p[j]);
-  return out;
-}
-
 // With a residual, the row normalised is sum = x + residual, rounded to T and
 // written out first (it is what the backward gets as its input).
 template <typename T, typename W>
@@ -87,7 +77,7 @@ void forward_typed(const TensorView& xv, const TensorView* rv, const TensorView*
 
   constexpr bool kConvert = kConvertRowsForward<T>;
   detail::parallel_for(rows, std::max<std::int64_t>(1, 4096 / d), [&](std::int64_t r0, std::int64_t r1, int) {
-    const std::vector<A> wf = as_compute(w, d, A(1)), bf = as_compute(b, d, A(0));
+    const std::vector<A> wf = vector_as(w, d, A(1)), bf = vector_as(b, d, A(0));
     std::vector<A> row_buffer(kConvert ? std::size_t(d) : 0);
     const A* __restrict wp = wf.data();
     const A* __restrict bp = bf.data();
@@ -146,7 +136,7 @@ void backward_typed(const TensorView& dyv, const TensorView& xv, const TensorVie
   std::vector<double> db_sums(want_db ? std::size_t(ranges * d) : 0, 0.0);
 
   detail::parallel_for(rows, min_rows, [&](std::int64_t r0, std::int64_t r1, int range) {
-    const std::vector<A> wf = as_compute(w, d, A(1));
+    const std::vector<A> wf = vector_as(w, d, A(1));
     std::vector<A> dw_part(std::size_t(d), A(0)), db_part(std::size_t(d), A(0));
     const A* __restrict wp = wf.data();
     A* __restrict dwp = dw_part.data();
@@ -161,9 +151,9 @@ void backward_typed(const TensorView& dyv, const TensorView& xv, const TensorVie
         dbp[j] = A(0);
       }
     };
-    // One row's xhat (and, for float16 data, dy and the dx being formed) as A.
-    std::vector<A> dy_row(static_cast<std::size_t>(d)), xhat_row(static_cast<std::size_t>(d)),
-        out_row(static_cast<std::size_t>(d));
+    // One row's xhat, and for float16 data its dy and the dx being formed, as A.
+    const std::size_t half_rows = kConvertRowsBackward<T> ? std::size_t(d) : 0;
+    std::vector<A> xhat_row(static_cast<std::size_t>(d)), dy_row(half_rows), out_row(half_rows);
     A* __restrict dyv = dy_row.data();
     A* __restrict xh = xhat_row.data();
     A* __restrict out = out_row.data();

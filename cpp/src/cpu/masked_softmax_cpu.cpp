@@ -111,25 +111,33 @@ void backward_typed(const TensorView& dyv, const TensorView& yv, float scale_f, 
       const T* dyr = dy + r * n;
       const T* yr = y + r * n;
       T* dxr = dx + r * n;
-      if constexpr (kRowConvert<T>) {  // both rows read into float first, so dx may overwrite dy
-        C* __restrict dyb = dy_buffer.data();
-        C* __restrict yb = y_buffer.data();
+      // float16 rows are read into float first (so dx may overwrite dy there
+      // too); the others element by element, each read before it is written.
+      C* __restrict dyb = dy_buffer.data();
+      C* __restrict yb = y_buffer.data();
+      if constexpr (kRowConvert<T>) {
         to_float_row(dyr, dyb, n);
         to_float_row(yr, yb, n);
-        C dot = 0;
+      }
+      auto dy_at = [&](std::int64_t j) -> C {
+        if constexpr (kRowConvert<T>) return dyb[j];
+        else return C(to_float(dyr[j]));
+      };
+      auto y_at = [&](std::int64_t j) -> C {
+        if constexpr (kRowConvert<T>) return yb[j];
+        else return C(to_float(yr[j]));
+      };
+      C dot = 0;
 #pragma omp simd reduction(+ : dot)
-        for (std::int64_t j = 0; j < n; ++j) dot += dyb[j] * yb[j];
+      for (std::int64_t j = 0; j < n; ++j) dot += dy_at(j) * y_at(j);
+      if constexpr (kRowConvert<T>) {
 #pragma omp simd
         for (std::int64_t j = 0; j < n; ++j) dyb[j] = scale * yb[j] * (dyb[j] - dot);
         from_float_row(dyb, dxr, n);
-        continue;
-      }
-      C dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (std::int64_t j = 0; j < n; ++j) dot += C(to_float(dyr[j])) * C(to_float(yr[j]));
+      } else {
 #pragma omp simd
-      for (std::int64_t j = 0; j < n; ++j)
-        dxr[j] = store_as<T>(scale * C(to_float(yr[j])) * (C(to_float(dyr[j])) - dot));
+        for (std::int64_t j = 0; j < n; ++j) dxr[j] = store_as<T>(scale * y_at(j) * (dy_at(j) - dot));
+      }
     }
   });
 }
