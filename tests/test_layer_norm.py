@@ -74,8 +74,11 @@ def test_output_rounding_matches_torch_including_ties_nan_and_overflow(dtype):
     d = 771
     finfo = torch.finfo(dtype)
     representable = (torch.randn(d) * 100).to(dtype).float()
-    ulp = representable.abs().clamp_min(finfo.tiny) * finfo.eps
-    bias = representable + ulp * torch.tensor([0.5, -0.5, 0.25, 0.75, 0.0]).repeat(d // 5 + 1)[:d]  # ties and not
+    # The spacing of `dtype` above each value: x = m * 2^e with m in [0.5, 1) puts it at 2^(e-1) * eps,
+    # so +0.5 of it is an exact tie (float32 holds it exactly); the other offsets round one way.
+    _, exponent = torch.frexp(representable)
+    ulp = torch.ldexp(torch.full_like(representable, finfo.eps), exponent - 1)
+    bias = representable + ulp * torch.tensor([0.5, 0.5, 0.25, 0.75, 0.0]).repeat(d // 5 + 1)[:d]
     bias[:12] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38, -3.0e38, 1e-40, -1e-40,
                               finfo.max * 1.0009765625, 65520.0, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -9, 0.0])
     bias[-3:] = torch.tensor([1.0 + 2.0 ** -11, float("nan"), 2.5 * finfo.eps])  # the scalar tail
