@@ -146,6 +146,22 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// 8 bfloat16 in one 16-byte word, to and from float: the vectorised kernels'
+// loads and stores.
+__device__ __forceinline__ void unpack8(const uint4& u, float (&v)[8]) {
+  const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&u);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = __bfloat162float(h[j]);
+}
+
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+  uint4 u;
+  __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(&u);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) h[j] = __float2bfloat16(v[j]);
+  return u;
+}
+
 // Which versions to run: all (argv[1] absent or "all") or the one named.
 inline bool wanted(int argc, char** argv, int version) {
   return argc < 2 || std::string_view(argv[1]) == "all" || std::atoi(argv[1]) == version;

@@ -63,20 +63,6 @@ __global__ void dparams_v1(const bf16* dy, const bf16* x, const float* mean, con
 
 // --- version 2 ---------------------------------------------------------------------------------
 
-__device__ __forceinline__ void unpack8(const uint4& u, float (&v)[8]) {
-  const bf16* h = reinterpret_cast<const bf16*>(&u);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) v[j] = __bfloat162float(h[j]);
-}
-
-__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
-  uint4 u;
-  bf16* h = reinterpret_cast<bf16*>(&u);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) h[j] = __float2bfloat16(v[j]);
-  return u;
-}
-
 constexpr int kV2Warps = 4;
 
 // partial_w/partial_b: [gridDim.x][d], one row per block.

@@ -47,22 +47,6 @@ __global__ void layernorm_v1(const bf16* x, const bf16* w, const bf16* b, bf16* 
   rstd[row] = rs;
 }
 
-// --- shared by versions 2 and 3: 8 bfloat16 in one 16-byte word -------------------------------
-
-__device__ __forceinline__ void unpack8(const uint4& u, float (&v)[8]) {
-  const bf16* h = reinterpret_cast<const bf16*>(&u);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) v[j] = __bfloat162float(h[j]);
-}
-
-__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
-  uint4 u;
-  bf16* h = reinterpret_cast<bf16*>(&u);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) h[j] = __float2bfloat16(v[j]);
-  return u;
-}
-
 // --- version 2: a warp per row, row in registers -----------------------------------------------
 
 // kChunks 16-byte chunks per lane: lane l holds chunks l, l + 32, ... (coalesced).
