@@ -71,6 +71,25 @@ def compare_cpu(ours, peer, rounds=5, repeat=10):
     return statistics.median(a), statistics.median(b)
 
 
+def timed_training(data, warmup, step):
+    """Runs step(x, y) -> loss over the batches in `data`; returns (seconds
+    from batch `warmup` on, every loss as a float). Losses stay on the device
+    until the end, so the loop itself never waits for it."""
+    losses, start = [], time.perf_counter()
+    for i, (x, y) in enumerate(data):
+        if i == warmup:
+            _synchronize(x.device)
+            start = time.perf_counter()
+        losses.append(step(x, y).detach())
+    _synchronize(data[0][0].device)
+    return time.perf_counter() - start, [float(loss) for loss in losses]
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_cuda(fn, warmup=5, repeat=50):
     """Median time of fn() in milliseconds, measured with CUDA events."""
     for _ in range(warmup):

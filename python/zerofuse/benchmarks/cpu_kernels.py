@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import zerofuse
-from zerofuse.ops import attention, layer_norm, masked_softmax
+from zerofuse.ops import attention, masked_softmax
 from zerofuse.optim import FusedAdam
 
 from .common import case, compare_cpu, print_table, write_results

@@ -7,7 +7,6 @@ larger than L2), after checking both give the same result.
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 import zerofuse
 from zerofuse import _C

@@ -10,7 +10,6 @@ run: tokens/s, model FLOP utilisation and peak memory.
 import argparse
 import contextlib
 import io
-import time
 
 import torch
 
@@ -18,7 +17,7 @@ import zerofuse
 from zerofuse.models import GPT, GPTConfig
 
 from . import train_peers
-from .common import write_results
+from .common import timed_training, write_results
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -38,17 +37,14 @@ def run_engine(config, data, warmup):
             "steps_per_print": 10**9, "bf16": {"enabled": True},
             "optimizer": {"type": "AdamW", "params": {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8}},
             "zero_optimization": {"stage": 1}})
-    losses = []
-    for i, (x, y) in enumerate(data):
-        if i == warmup:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
+
+    def step(x, y):
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
-        losses.append(loss.detach())
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, [float(l) for l in losses]
+        return loss
+
+    return timed_training(data, warmup, step)
 
 
 def run_torch(config, data, warmup, compile_model=False):
@@ -56,20 +52,7 @@ def run_torch(config, data, warmup, compile_model=False):
     model = GPT(GPTConfig(**{**config.__dict__, "fused": False})).cuda()
     step_model = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
-    losses = []
-    for i, (x, y) in enumerate(data):
-        if i == warmup:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step_model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, [float(l) for l in losses]
+    return timed_training(data, warmup, train_peers.plain_step(step_model, model, opt, autocast_device="cuda"))
 
 
 CATEGORIES = (  # kernel-name fragments -> the categories of the step breakdown

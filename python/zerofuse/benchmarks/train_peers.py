@@ -6,12 +6,13 @@ import contextlib
 import io
 import os
 import socket
-import time
 
 import torch
 import torch.distributed as dist
 
 from zerofuse.models import GPT, GPTConfig
+
+from .common import timed_training
 
 
 def ensure_process_group(device):
@@ -33,21 +34,19 @@ def _baseline_model(config, device):
     return GPT(GPTConfig(**{**config.__dict__, "fused": False})).to(device)
 
 
-def _timed_loop(data, warmup, step):
-    losses = []
-    start = time.perf_counter()
-    for i, (x, y) in enumerate(data):
-        if i == warmup:
-            _sync(x.device)
-            start = time.perf_counter()
-        losses.append(step(x, y))
-    _sync(data[0][0].device)
-    return time.perf_counter() - start, [float(l) for l in losses]
+def plain_step(forward, model, opt, autocast_device=None):
+    """One training step of a torch-side peer: forward (under bf16 autocast
+    when autocast_device is given), backward, clip to 1.0, the optimizer."""
+    def step(x, y):
+        with torch.autocast(autocast_device, dtype=torch.bfloat16) if autocast_device else contextlib.nullcontext():
+            loss = forward(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return step
 
 
 def run_ddp_zero(config, data, warmup):
@@ -61,17 +60,7 @@ def run_ddp_zero(config, data, warmup):
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = ZeroRedundancyOptimizer(model.param_groups(0.1), optimizer_class=torch.optim.AdamW, lr=6e-4,
                                   betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
-
-    def step(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = ddp(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return _timed_loop(data, warmup, step)
+    return timed_training(data, warmup, plain_step(ddp, model, opt, autocast_device=device.type))
 
 
 def run_fsdp2(config, data, warmup):
@@ -88,16 +77,7 @@ def run_fsdp2(config, data, warmup):
     fully_shard(model, reshard_after_forward=False, mp_policy=policy)
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
                             fused=device.type == "cuda")
-
-    def step(x, y):
-        loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return _timed_loop(data, warmup, step)
+    return timed_training(data, warmup, plain_step(model, model, opt))  # the policy casts, not autocast
 
 
 def deepspeed_available():
@@ -123,6 +103,6 @@ def run_deepspeed(config, data, warmup):
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
-        return loss.detach()
+        return loss
 
-    return _timed_loop(data, warmup, step)
+    return timed_training(data, warmup, step)
