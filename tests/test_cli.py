@@ -124,6 +124,29 @@ def test_torchrun_two_processes_match_one_process(corpus, tmp_path):
     assert b == pytest.approx(a, rel=1e-4)  # ZeRO-2 over 2 ranks, same global batch
 
 
+def test_torchrun_config_error_is_one_line_and_exit_2_on_every_rank(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 2, "zero_optimisation": {"stage": 2}}')
+    env = dict(os.environ, ZEROFUSE_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "zerofuse", "train", "--config", str(bad),
+                          "--out", str(tmp_path / "r"), *TINY], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.count("'zero_optimisation']: unknown key") == 1  # rank 0 says it, once
+    # torchrun's failure summary lists each rank's exit code.
+    assert out.stderr.count("exitcode  : 2") == 2, out.stderr[-3000:]
+
+
+def test_a_fresh_run_in_a_directory_without_checkpoints_rewrites_its_metrics(corpus, tmp_path):
+    run = str(tmp_path / "run")
+    assert zerofuse("train", "--data", corpus, "--out", run, "--steps", "3", *TINY).returncode == 0
+    import shutil
+    shutil.rmtree(os.path.join(run, "checkpoints"))
+    out = zerofuse("train", "--data", corpus, "--out", run, "--steps", "3", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [int(r["step"]) for r in read_metrics(run)] == [0, 1, 2, 3]  # one step-0 row, not two
+
+
 def test_env_reports_the_build():
     out = zerofuse("env")
     assert out.returncode == 0 and "CPU kernels" in out.stdout

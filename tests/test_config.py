@@ -95,6 +95,20 @@ def test_keys_without_effect_for_zero12_are_accepted_and_listed():
     assert "config['zero_allow_untested_optimizer']" in c.inert_keys
 
 
+def test_use_multi_rank_bucket_allreduce_is_a_known_zero12_key():
+    # It once sat inside a comment in the inert list and was refused as unknown.
+    c = parse({"zero_optimization": {"stage": 1, "use_multi_rank_bucket_allreduce": True}})
+    assert "config['zero_optimization']['use_multi_rank_bucket_allreduce']" in c.inert_keys
+
+
+def test_contiguous_gradients_is_validated_and_listed_as_without_effect():
+    c = parse({"zero_optimization": {"stage": 2, "contiguous_gradients": False}})
+    assert "config['zero_optimization']['contiguous_gradients']" in c.inert_keys
+    assert "contiguous_gradients" not in c.to_dict()["zero_optimization"]
+    with pytest.raises(ConfigError, match=r"\['contiguous_gradients'\]: must be true or false"):
+        parse({"zero_optimization": {"contiguous_gradients": "yes"}})
+
+
 def test_a_typical_deepspeed_zero2_file_parses(tmp_path):
     path = tmp_path / "ds_config.json"
     path.write_text(json.dumps({

@@ -8,8 +8,22 @@ import pytest
 
 import zerofuse
 
+# Every test file that runs a CPU kernel (test_kernel_tests_are_all_listed keeps this complete).
 KERNEL_TESTS = ["test_layer_norm.py", "test_attention.py", "test_adam.py", "test_grad_stats.py",
-                "test_masked_softmax.py"]
+                "test_masked_softmax.py", "test_fused_ops.py"]
+# Test files that run no CPU kernel of their own, or run the ones above through the engine.
+NOT_KERNEL_TESTS = {"test_bindings.py", "test_build.py", "test_checkpoint.py", "test_cli.py", "test_compile.py",
+                    "test_config.py", "test_cpu_variants.py", "test_engine_features.py", "test_engine_zero.py",
+                    "test_flat_plan.py", "test_gpu.py", "test_integrations.py", "test_loss_scaler.py",
+                    "test_op_devices.py", "test_schedulers.py", "test_step_control.py"}
+
+
+def test_kernel_tests_are_all_listed():
+    # A new test file must be placed in one list or the other, so a kernel's
+    # tests cannot be left out of the portable variant's run by omission.
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = {f for f in os.listdir(here) if f.startswith("test_") and f.endswith(".py")}
+    assert files - set(KERNEL_TESTS) - NOT_KERNEL_TESTS == set(), "add new test files to one of the lists"
 
 
 @pytest.mark.skipif(zerofuse.build_info()["cpu_isas"] == ["baseline"], reason="only the portable variant is built")

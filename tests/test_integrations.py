@@ -128,3 +128,26 @@ def test_train_gpt_example_runs():
                          env=dict(os.environ, ZEROFUSE_NUM_THREADS="2"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "validation loss" in out.stdout
+
+
+@pytest.mark.parametrize("transformers_first", [False, True])
+def test_attn_implementation_zerofuse_works_after_a_plain_import(transformers_first):
+    # A fresh interpreter: nothing registered yet. `import zerofuse` alone must
+    # make attn_implementation="zerofuse" acceptable, whichever is imported
+    # first, without importing transformers itself.
+    code = "\n".join([
+        "import sys",
+        "import transformers.modeling_utils" if transformers_first else "",
+        "import zerofuse",
+        "assert transformers_first or 'transformers' not in sys.modules, 'import zerofuse imported transformers'",
+        "import torch",
+        "from transformers import AutoModelForCausalLM, GPT2Config",
+        "config = GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50, bos_token_id=0, eos_token_id=0)",
+        "model = AutoModelForCausalLM.from_config(config, attn_implementation='zerofuse')",
+        "assert model.config._attn_implementation == 'zerofuse', model.config._attn_implementation",
+        "print(tuple(model(torch.randint(0, 50, (2, 7))).logits.shape))",
+    ])
+    result = subprocess.run([sys.executable, "-c", f"transformers_first = {transformers_first}\n" + code],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("(2, 7, 50)")

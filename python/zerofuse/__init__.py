@@ -11,6 +11,11 @@ from ._build import build_info
 from ._version import __version__
 from .flat_plan import FlatPlan
 from .loss_scaler import DynamicLossScaler, StaticLossScaler
+from . import _transformers_hook
+
+# attn_implementation="zerofuse" for transformers models, registered when
+# transformers' modeling code is imported (it is not imported here).
+_transformers_hook.install()
 
 _LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint", "models", "integrations")
 

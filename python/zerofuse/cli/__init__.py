@@ -109,6 +109,14 @@ def _user_errors():
     return (ConfigError, CheckpointError, DataError, TrainError, SampleError, OSError)
 
 
+def _launch_rank() -> int:
+    """This process's rank in a torchrun job (0 outside one)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -118,8 +126,10 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        message = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
-        print(f"zerofuse {args.command}: error: {message}", file=sys.stderr)
+        # Every process of a torchrun job meets the same error; one line says it.
+        if _launch_rank() == 0:
+            message = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
+            print(f"zerofuse {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"zerofuse {args.command}: interrupted", file=sys.stderr)

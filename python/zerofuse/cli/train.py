@@ -8,7 +8,6 @@ torchrun (ZeRO-2 across the processes; the same global batch, so the same loss
 curve, as one process).
 """
 import contextlib
-import csv
 import io
 import json
 import math
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from ..models import GPT, GPTConfig
 from ..runtime import distributed
 from ..runtime.config import load_raw
+from ..runtime.monitor import CsvLog, TensorBoardLog
 from .data import load_corpus, sample_batch
 from .plot import plot_losses
 
@@ -99,41 +99,27 @@ def _peak_flops(device):
 
 
 class _Metrics:
-    """metrics.csv (and TensorBoard events, when available), written by rank 0."""
+    """metrics.csv (and TensorBoard events, when tensorboard is installed), written by rank 0."""
 
-    def __init__(self, run_dir, start_step):
-        self.path = os.path.join(run_dir, "metrics.csv")
-        rows = []
-        if os.path.exists(self.path):  # a resumed run keeps what came before its checkpoint
-            with open(self.path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, METRIC_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
-        self.file = open(self.path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, METRIC_COLUMNS)
-        self.tb = None
+    def __init__(self, run_dir, resumed_at):
+        """resumed_at: the step of the checkpoint a resumed run continues from; None for a fresh run."""
+        self.csv = CsvLog(os.path.join(run_dir, "metrics.csv"), METRIC_COLUMNS, key="step").start(resumed_at)
+        self.path = self.csv.path
         try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.tensorboard = TensorBoardLog(os.path.join(run_dir, "tensorboard"))
         except ImportError:
-            pass
+            self.tensorboard = None
 
     def write(self, row):
-        self.writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
-        self.file.flush()
-        if self.tb is not None:
-            for key in ("train_loss", "val_loss", "lr", "tokens_per_s"):
-                if row.get(key) is not None:
-                    self.tb.add_scalar(key, row[key], row["tokens"])
+        self.csv.write(row)
+        if self.tensorboard is not None:
+            self.tensorboard.write(row["tokens"], {k: row.get(k) for k in ("train_loss", "val_loss", "lr",
+                                                                          "tokens_per_s")})
 
     def close(self):
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.csv.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _validation_loss(engine, val, s, args, rank, world):
@@ -200,7 +186,7 @@ def run(args) -> int:
         if main:
             print(f"[zerofuse train] {run_dir} already has {start} of {steps} steps; nothing to do", flush=True)
         return 0
-    metrics = _Metrics(run_dir, start) if main else None
+    metrics = _Metrics(run_dir, start if args.resume else None) if main else None
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=start, disable=not main, dynamic_ncols=True, unit="step", file=sys.stdout)

@@ -56,6 +56,19 @@ def define(schema: str, impl, fake, backward=None, setup_context=None):
     return op
 
 
+def check_same_device(op: str, tensors) -> None:
+    """Every tensor of `tensors` ([(name, tensor or None)], the reference
+    first) on the reference's device. Run before any kernel and in the fake
+    kernels: a tensor on another device (meta, another GPU, CPU beside CUDA)
+    would otherwise send the call to that device's kernel -- the fake one for
+    meta, which returns uninitialised memory -- instead of raising as torch does."""
+    ref_name, ref = tensors[0]
+    for name, t in tensors[1:]:
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
+                             "all tensor arguments must be on one device")
+
+
 def stream_of(tensor: torch.Tensor):
     """The stream argument for the core: torch's current stream for CUDA
     tensors (read here, where it is cheap), None for CPU."""

@@ -3,15 +3,23 @@ sum = x + residual and LayerNorm(sum) -- in one pass forward and one backward.""
 import torch
 
 from .. import _C
-from ._library import define, stream_of
+from ._library import check_same_device, define, stream_of
 from .layer_norm import _as_rows, _check, _stats_dtype
 
 
+_OP = "zerofuse.ops.add_layer_norm"
+
+
+def _check_inputs(x, residual, normalized_shape, weight, bias):
+    _check(x, normalized_shape, weight, bias, _OP)
+    if not isinstance(residual, torch.Tensor) or residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"{_OP}: 'residual' must match 'x' ({x.dtype} {list(x.shape)}), got "
+                         f"{getattr(residual, 'dtype', type(residual).__name__)} {list(getattr(residual, 'shape', []))}")
+    check_same_device(_OP, [("x", x), ("residual", residual)])
+
+
 def _impl(x, residual, normalized_shape, weight, bias, eps):
-    _check(x, normalized_shape, weight, bias, "zerofuse.ops.add_layer_norm")
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"zerofuse.ops.add_layer_norm: 'residual' must match 'x' ({x.dtype} {list(x.shape)}), got "
-                         f"{residual.dtype} {list(residual.shape)}")
+    _check_inputs(x, residual, normalized_shape, weight, bias)
     xs = _as_rows(x.contiguous(), normalized_shape)
     rs = _as_rows(residual.contiguous(), normalized_shape)
     total = torch.empty_like(xs, memory_format=torch.contiguous_format)
@@ -25,7 +33,7 @@ def _impl(x, residual, normalized_shape, weight, bias, eps):
 
 
 def _fake(x, residual, normalized_shape, weight, bias, eps):
-    _check(x, normalized_shape, weight, bias, "zerofuse.ops.add_layer_norm")
+    _check_inputs(x, residual, normalized_shape, weight, bias)
     stats = x.new_empty(x.shape[: x.dim() - len(normalized_shape)], dtype=_stats_dtype(x))
     like = torch.empty_like(x, memory_format=torch.contiguous_format)
     return like, torch.empty_like(like), stats, torch.empty_like(stats)

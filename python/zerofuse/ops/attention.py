@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import _C
-from ._library import define, stream_of
+from ._library import check_same_device, define, stream_of
 from .masked_softmax import masked_softmax
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,6 +32,7 @@ def _check(q, k, v, key_padding_mask, op="zerofuse.ops.attention"):
         )
     if v.shape != k.shape:
         raise ValueError(f"{op}: 'v' must have the shape of 'k' {list(k.shape)}, got {list(v.shape)}")
+    check_same_device(op, [("q", q), ("k", k), ("v", v), ("key_padding_mask", key_padding_mask)])
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError(f"{op}: 'key_padding_mask' must be a bool tensor, got {getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
@@ -125,6 +126,7 @@ def _check_attn_mask(q, k, attn_mask, op="zerofuse.ops.attention"):
     if not fits:
         raise ValueError(f"{op}: 'attn_mask' of shape {list(attn_mask.shape)} must broadcast to "
                          f"[batch, heads, seq_q, seq_k] = {list(scores_shape)}")
+    check_same_device(op, [("q", q), ("attn_mask", attn_mask)])
 
 
 def _attention_with_mask(q, k, v, attn_mask, key_padding_mask, causal, scale):

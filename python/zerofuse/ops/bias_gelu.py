@@ -2,7 +2,7 @@
 import torch
 
 from .. import _C
-from ._library import define, stream_of
+from ._library import check_same_device, define, stream_of
 
 _APPROXIMATIONS = ("none", "tanh")
 
@@ -15,6 +15,7 @@ def _check(x, bias, approximate, op="zerofuse.ops.bias_gelu"):
     if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (x.shape[-1],):
         raise ValueError(f"{op}: 'bias' must have shape [{x.shape[-1]}] (the input's last dimension), got "
                          f"{list(getattr(bias, 'shape', []))}")
+    check_same_device(op, [("input", x), ("bias", bias)])
 
 
 def _impl(x, bias, approximate):

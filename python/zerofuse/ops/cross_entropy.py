@@ -6,7 +6,7 @@ import math
 import torch
 
 from .. import _C
-from ._library import define, stream_of
+from ._library import check_same_device, define, stream_of
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -20,6 +20,7 @@ def _check(logits, target, reduction, label_smoothing, op):
     if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or tuple(target.shape) != (logits.shape[0],):
         raise ValueError(f"{op}: 'target' must be an int64 tensor of shape [{logits.shape[0]}], got "
                          f"{getattr(target, 'dtype', type(target).__name__)} {list(getattr(target, 'shape', []))}")
+    check_same_device(op, [("logits", logits), ("target", target)])
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: 'reduction' must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
@@ -50,6 +51,7 @@ def _assert_targets_in_range(target, classes, ignore_index, op):
 
 
 def _ce_impl(logits, target, ignore_index, label_smoothing, inplace_backward):
+    check_same_device("zerofuse.ops.cross_entropy", [("logits", logits), ("target", target)])
     _assert_targets_in_range(target, logits.shape[1], ignore_index, "zerofuse.ops.cross_entropy")
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss)
@@ -58,6 +60,7 @@ def _ce_impl(logits, target, ignore_index, label_smoothing, inplace_backward):
 
 
 def _ce_fake(logits, target, ignore_index, label_smoothing, inplace_backward):
+    check_same_device("zerofuse.ops.cross_entropy", [("logits", logits), ("target", target)])
     rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
     return rows, torch.empty_like(rows)
 
@@ -139,10 +142,16 @@ def _chunks(n, chunk_size):
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
+def _check_lce_devices(hidden, weight, target, bias):
+    check_same_device("zerofuse.ops.linear_cross_entropy",
+                      [("hidden", hidden), ("weight", weight), ("target", target), ("bias", bias)])
+
+
 def _lce_forward_impl(hidden, weight, target, bias, ignore_index, reduction, chunk_size, compute_grad):
     """The loss (rows for 'none', else reduced), and (for mean/sum, when
     gradients are wanted) the gradients of that reduced loss, computed chunk by
     chunk while each chunk's logits exist."""
+    _check_lce_devices(hidden, weight, target, bias)
     n, v = hidden.shape[0], weight.shape[0]
     device = hidden.device
     _assert_targets_in_range(target, v, ignore_index, "zerofuse.ops.linear_cross_entropy")
@@ -176,6 +185,7 @@ def _lce_forward_impl(hidden, weight, target, bias, ignore_index, reduction, chu
 
 
 def _lce_forward_fake(hidden, weight, target, bias, ignore_index, reduction, chunk_size, compute_grad):
+    _check_lce_devices(hidden, weight, target, bias)
     grads = compute_grad and reduction != 0
     loss = hidden.new_empty(hidden.shape[0] if reduction == 0 else (), dtype=torch.float32)
     return (loss, torch.empty_like(hidden) if grads else hidden.new_empty(0),
@@ -274,6 +284,7 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100
         raise ValueError(f"{op}: 'reduction' must be one of {_REDUCTIONS}, got {reduction!r}")
     if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{op}: 'hidden' must be float32, float16 or bfloat16, got {hidden.dtype}")
+    _check_lce_devices(hidden, weight, target, bias)
     t = target.reshape(-1).contiguous()
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
                                         (bias is not None and bias.requires_grad))

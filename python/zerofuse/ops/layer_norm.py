@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _C
-from ._library import define, stream_of
+from ._library import check_same_device, define, stream_of
 
 
 def _check(input, normalized_shape, weight, bias, op="zerofuse.ops.layer_norm"):
@@ -22,6 +22,7 @@ def _check(input, normalized_shape, weight, bias, op="zerofuse.ops.layer_norm"):
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and list(p.shape) != list(normalized_shape):
             raise ValueError(f"{op}: '{name}' must have shape {list(normalized_shape)}, got {list(p.shape)}")
+    check_same_device(op, [("input", input), ("weight", weight), ("bias", bias)])
 
 
 def _stats_dtype(input):

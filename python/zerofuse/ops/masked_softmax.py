@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import _C
-from ._library import define, stream_of
+from ._library import check_same_device, define, stream_of
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "zerofuse.ops.masked_softmax"
@@ -29,8 +29,7 @@ def _check(x, mask, causal):
     if mask.dtype not in allowed:
         raise TypeError(f"{_OP}: 'mask' must be bool (True = may attend) or an additive float mask in the input's "
                         f"dtype ({x.dtype}) or float32, got {mask.dtype}")
-    if mask.device != x.device:
-        raise ValueError(f"{_OP}: 'mask' is on {mask.device} but 'input' is on {x.device}")
+    check_same_device(_OP, [("input", x), ("mask", mask)])
     try:
         torch.broadcast_shapes(mask.shape, x.shape)
     except RuntimeError:

@@ -153,7 +153,6 @@ class ZeroConfig:
     reduce_bucket_size: int = 500_000_000  # elements, as DeepSpeed
     allgather_bucket_size: int = 500_000_000
     overlap_comm: bool = False
-    contiguous_gradients: bool = True
     reduce_scatter: bool = True
 
 
@@ -227,7 +226,8 @@ _ZERO_KEYS = {"stage", "reduce_bucket_size", "allgather_bucket_size", "overlap_c
               "reduce_scatter", "offload_optimizer", "offload_param", "cpu_offload", "zero_quantized_weights",
               "zero_quantized_gradients", "zero_hpz_partition_size", "legacy_stage1"}
 _ZERO_INERT = {"allgather_partitions", "round_robin_gradients", "load_from_fp32_weights", "elastic_checkpoint",
-               "ignore_unused_parameters", "sub_group_size", "stage3_*",  # ZeRO-3 knobs: inert at stage <= 2 "use_multi_rank_bucket_allreduce",
+               "ignore_unused_parameters", "sub_group_size", "use_multi_rank_bucket_allreduce",
+               "stage3_*",  # ZeRO-3 knobs: inert at stage <= 2
                "memory_efficient_linear", "zeropp_loco_param", "mics_shard_size", "mics_hierarchical_params_gather",
                "pipeline_loading_checkpoint"}
 
@@ -383,9 +383,14 @@ def _parse_zero(raw, inert):
             if s[key] == "auto":
                 _fail(parts + [key], "'auto' is a Hugging Face Trainer placeholder; give a number of elements")
             setattr(c, key, _as_int(s[key], parts + [key], minimum=1))
-    for key in ("overlap_comm", "contiguous_gradients", "reduce_scatter"):
+    for key in ("overlap_comm", "reduce_scatter"):
         if key in s:
             setattr(c, key, _as_bool(s[key], parts + [key]))
+    if "contiguous_gradients" in s:
+        # Gradients always go straight into zerofuse's flat buffers (what
+        # DeepSpeed's option turns on), so either value changes nothing.
+        _as_bool(s["contiguous_gradients"], parts + ["contiguous_gradients"])
+        inert.append(_path(parts + ["contiguous_gradients"]))
     for key, what in (("offload_optimizer", "optimizer offload"), ("offload_param", "parameter offload"),
                       ("cpu_offload", "CPU offload"), ("zero_quantized_weights", "ZeRO++ quantized weights"),
                       ("zero_quantized_gradients", "ZeRO++ quantized gradients"), ("legacy_stage1", "legacy stage 1")):
