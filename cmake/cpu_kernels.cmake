@@ -26,7 +26,7 @@ function(zerofuse_add_cpu_kernels target)
     target_compile_options(${_obj} PRIVATE ${ZEROFUSE_CPU_KERNEL_FLAGS} ${ZEROFUSE_CPU_ISA_FLAGS_${isa}})
     target_compile_definitions(${_obj} PRIVATE ZF_CPU_ISA=${isa})
     target_include_directories(${_obj} PRIVATE
-      ${CMAKE_CURRENT_SOURCE_DIR}/cpp/include ${CMAKE_CURRENT_SOURCE_DIR}/cpp/src)
+      ${CMAKE_CURRENT_SOURCE_DIR}/cpp/include ${CMAKE_CURRENT_SOURCE_DIR}/cpp ${CMAKE_CURRENT_SOURCE_DIR}/cpp/src)
     target_sources(${target} PRIVATE $<TARGET_OBJECTS:${_obj}>)
     string(TOUPPER ${isa} _up)
     list(APPEND _defs ZEROFUSE_CPU_HAS_${_up}=1)

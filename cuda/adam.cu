@@ -17,7 +17,8 @@
 #include <cmath>
 
 #include "common.cuh"
-#include "cuda_kernels.h"
+#include "common/adam_math.h"
+#include "common/cuda_kernels.h"
 
 namespace zerofuse::cuda {
 namespace {
@@ -42,54 +43,34 @@ struct Launch {
   int count;
 };
 
+// What the kernel takes by value; the per-step coefficients are formed from it
+// on the device (common/adam_math.h), where the step count and lr may live.
 struct Hyper {
-  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
-  float l2;
-  int adam_w_mode, bias_correction;
+  detail::AdamConstants constants;
   float host_multiplier;  // inv_scale * clip_coef
-  double beta1_d, beta2_d, lr_d, weight_decay_d;  // the per-step coefficients are formed in double
+  double beta1, beta2, lr, weight_decay;
   double host_step;
+  bool adam_w_mode, bias_correction;
 };
 
-// The per-step coefficients, from the host step or the device one.
-struct Coefficients {
-  float multiplier, decay, step_size, bias_correction2_sqrt;
-};
-
-__device__ Coefficients coefficients(const Hyper& h, const float* grad_multiplier, const double* step_tensor,
-                                     const double* lr_tensor) {
-  Coefficients k;
-  k.multiplier = h.host_multiplier * (grad_multiplier ? *grad_multiplier : 1.0f);
-  const double lr = lr_tensor ? *lr_tensor : h.lr_d;
-  k.decay = h.adam_w_mode ? float(1.0 - lr * h.weight_decay_d) : 1.0f;
-  const double step = step_tensor ? fmax(*step_tensor, 1.0) : h.host_step;
-  const double bc1 = h.bias_correction ? 1.0 - pow(h.beta1_d, step) : 1.0;
-  const double bc2 = h.bias_correction ? 1.0 - pow(h.beta2_d, step) : 1.0;
-  k.step_size = float(lr / bc1);
-  k.bias_correction2_sqrt = float(sqrt(bc2));
-  return k;
+__device__ detail::AdamStepCoefficients step_coefficients(const Hyper& h, const double* step_tensor,
+                                                          const double* lr_tensor) {
+  return detail::adam_step_coefficients(lr_tensor ? *lr_tensor : h.lr, step_tensor ? *step_tensor : h.host_step,
+                                        h.beta1, h.beta2, h.weight_decay, h.adam_w_mode, h.bias_correction);
 }
 
 struct NoCopy {};
-
-__device__ __forceinline__ void adam_element(float& p, float g, float& m, float& v, const Hyper& h,
-                                             const Coefficients& k) {
-  g = g * k.multiplier + h.l2 * p;
-  m = h.beta1 * m + h.one_minus_beta1 * g;
-  v = h.beta2 * v + h.one_minus_beta2 * g * g;
-  p *= k.decay;
-  p -= k.step_size * (m / (sqrtf(v) / k.bias_correction2_sqrt + h.eps));
-}
 
 template <typename P, typename G, typename S, typename C>
 __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ Launch launch, Hyper h,
                                                         const float* grad_multiplier, const float* skip,
                                                         const double* step_tensor, const double* lr_tensor) {
   if (skip != nullptr && *skip != 0.0f) return;
-  __shared__ Coefficients shared_k;
-  if (threadIdx.x == 0) shared_k = coefficients(h, grad_multiplier, step_tensor, lr_tensor);
+  __shared__ detail::AdamStepCoefficients shared_k;
+  if (threadIdx.x == 0) shared_k = step_coefficients(h, step_tensor, lr_tensor);
   __syncthreads();
-  const Coefficients k = shared_k;
+  const detail::AdamStepCoefficients k = shared_k;
+  const float multiplier = h.host_multiplier * (grad_multiplier ? *grad_multiplier : 1.0f);
 
   const int lo = segment_of_block(launch.first_block, launch.count);
   const Segment& s = launch.seg[lo];
@@ -111,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
       load4(m1 + i, m);
       load4(m2 + i, v);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) adam_element(p[j], g[j], m[j], v[j], h, k);
+      for (int j = 0; j < 4; ++j) detail::adam_update(p[j], g[j], m[j], v[j], multiplier, h.constants, k);
       store4(param + i, p);
       store4(m1 + i, m);
       store4(m2 + i, v);
@@ -121,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
   }
   for (std::int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
     float p = to_float(param[i]), m = to_float(m1[i]), v = to_float(m2[i]);
-    adam_element(p, to_float(grad[i]), m, v, h, k);
+    detail::adam_update(p, to_float(grad[i]), m, v, multiplier, h.constants, k);
     param[i] = from_float<P>(p);
     m1[i] = from_float<S>(m);
     m2[i] = from_float<S>(v);
@@ -131,20 +112,15 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(const __grid_constant__ 
 
 Hyper hyper(const AdamConfig& c) {
   Hyper h;
-  h.beta1 = float(c.beta1);
-  h.one_minus_beta1 = float(1.0 - c.beta1);
-  h.beta2 = float(c.beta2);
-  h.one_minus_beta2 = float(1.0 - c.beta2);
-  h.eps = float(c.eps);
-  h.l2 = c.adam_w_mode ? 0.0f : float(c.weight_decay);
+  h.constants = detail::adam_constants(c);
+  h.host_multiplier = float(c.inv_scale * c.clip_coef);
+  h.beta1 = c.beta1;
+  h.beta2 = c.beta2;
+  h.lr = c.lr;
+  h.weight_decay = c.weight_decay;
+  h.host_step = double(c.step);
   h.adam_w_mode = c.adam_w_mode;
   h.bias_correction = c.bias_correction;
-  h.host_multiplier = float(c.inv_scale * c.clip_coef);
-  h.beta1_d = c.beta1;
-  h.beta2_d = c.beta2;
-  h.lr_d = c.lr;
-  h.weight_decay_d = c.weight_decay;
-  h.host_step = double(c.step);
   return h;
 }
 

@@ -6,7 +6,8 @@
 #include <cmath>
 
 #include "common.cuh"
-#include "cuda_kernels.h"
+#include "common/cuda_kernels.h"
+#include "slab_sums.cuh"
 
 namespace zerofuse::cuda {
 namespace {
@@ -58,15 +59,6 @@ __global__ void __launch_bounds__(kColumns)
   if (partial) partial[std::int64_t(blockIdx.x) * d + c] = acc;
 }
 
-template <typename B>
-__global__ void sum_slabs(const float* partial, int slabs, int d, B* out) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= d) return;
-  double total = 0.0;
-  for (int s = 0; s < slabs; ++s) total += double(partial[std::int64_t(s) * d + c]);
-  out[c] = from_float<B>(float(total));
-}
-
 }  // namespace
 
 void bias_gelu_forward(const TensorView& x, const TensorView& bias, GeluApproximation approximate,
@@ -111,8 +103,7 @@ void bias_gelu_backward(const TensorView& dy, const TensorView& x, const TensorV
         ZF_CUDA_CHECK_LAUNCH("bias_gelu_bwd");
       }
       if (dbias) {
-        sum_slabs<B><<<unsigned((d + 255) / 256), 256, 0, stream>>>(partial.as<float>(), slabs, d, dbias->data_as<B>());
-        ZF_CUDA_CHECK_LAUNCH("sum_slabs");
+        sum_slabs(partial.as<float>(), slabs, d, dbias->data_as<B>(), stream);
       }
     });
   });

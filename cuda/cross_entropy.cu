@@ -6,7 +6,7 @@
 #include <cmath>
 
 #include "common.cuh"
-#include "cuda_kernels.h"
+#include "common/cuda_kernels.h"
 
 namespace zerofuse::cuda {
 namespace {

@@ -5,7 +5,7 @@
 #include <algorithm>
 
 #include "common.cuh"
-#include "cuda_kernels.h"
+#include "common/cuda_kernels.h"
 
 namespace zerofuse::cuda {
 namespace {

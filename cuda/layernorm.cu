@@ -12,7 +12,8 @@
 #include <algorithm>
 
 #include "common.cuh"
-#include "cuda_kernels.h"
+#include "common/cuda_kernels.h"
+#include "slab_sums.cuh"
 
 namespace zerofuse::cuda {
 namespace {
@@ -168,15 +169,6 @@ __global__ void __launch_bounds__(kColumnThreads)
   if (db_part) db_part[std::int64_t(blockIdx.x) * d + c] = acc_b;
 }
 
-template <typename W>
-__global__ void ln_backward_finish(const float* part, int slabs, int d, W* out) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= d) return;
-  double total = 0.0;
-  for (int s = 0; s < slabs; ++s) total += double(part[std::int64_t(s) * d + c]);
-  out[c] = from_float<W>(float(total));
-}
-
 DType param_dtype(const TensorView* a, const TensorView* b) {
   if (a) return a->dtype;
   if (b) return b->dtype;
@@ -252,15 +244,8 @@ void layernorm_backward(const TensorView& dy, const TensorView& x, const TensorV
             dw_part, db_part, rows, d, slab_rows);
         ZF_CUDA_CHECK_LAUNCH("ln_backward_partials");
       }
-      const unsigned finish_blocks = unsigned((d + 255) / 256);
-      if (dweight) {
-        ln_backward_finish<W><<<finish_blocks, 256, 0, stream>>>(dw_part, slabs, d, dweight->data_as<W>());
-        ZF_CUDA_CHECK_LAUNCH("ln_backward_finish");
-      }
-      if (dbias) {
-        ln_backward_finish<W><<<finish_blocks, 256, 0, stream>>>(db_part, slabs, d, dbias->data_as<W>());
-        ZF_CUDA_CHECK_LAUNCH("ln_backward_finish");
-      }
+      if (dweight) sum_slabs(dw_part, slabs, d, dweight->data_as<W>(), stream);
+      if (dbias) sum_slabs(db_part, slabs, d, dbias->data_as<W>(), stream);
     });
   });
 }

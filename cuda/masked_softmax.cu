@@ -8,8 +8,8 @@
 #include <cstdint>
 
 #include "common.cuh"
-#include "cuda_kernels.h"
-#include "softmax_rows.h"
+#include "common/cuda_kernels.h"
+#include "common/softmax_rows.h"
 
 namespace zerofuse::cuda {
 namespace {

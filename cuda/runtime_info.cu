@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "cuda_runtime_info.h"
+#include "common/cuda_runtime_info.h"
 
 namespace zerofuse::cuda {
 

@@ -1,8 +1,8 @@
 // The step decision on the GPU: one thread runs the same rule as the CPU
 // (cpp/src/loss_scale_rule.h), so an fp16 step never waits for the host.
 #include "common.cuh"
-#include "cuda_kernels.h"
-#include "loss_scale_rule.h"
+#include "common/cuda_kernels.h"
+#include "common/loss_scale_rule.h"
 
 namespace zerofuse::cuda {
 namespace {

@@ -42,10 +42,10 @@ def run_world(world: int, fn, *args):
 
 def gather_master(engine):
     """Every trainable parameter's fp32 master value, assembled from all ranks' shards."""
-    table, master, _, _ = engine.optimizer.shard_pieces()
-    names = [s.name for s in engine.optimizer.layout.slots]
-    shapes = {s.name: s.shape for s in engine.optimizer.layout.slots}
-    mine = (table, master)
+    state = engine.optimizer.state_dict()
+    names = state["param_names"]
+    shapes = {name: p.shape for name, p in engine.optimizer.named_trainable_parameters()}
+    mine = (state["slices"], state["master"])
     everyone = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()

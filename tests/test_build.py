@@ -53,3 +53,36 @@ def test_thread_count_can_be_set():
         assert zerofuse.get_num_threads() == 1
     finally:
         zerofuse.set_num_threads(before)
+
+
+def _quoted_includes(path):
+    with open(path) as f:
+        return [line.split('"')[1] for line in f if line.startswith("#include \"")]
+
+
+def test_kernel_trees_include_only_public_and_shared_headers():
+    # cuda/ and cpp/src/ meet only in cpp/common/ (and the public cpp/include/):
+    # no CUDA file includes a private header of cpp/src, and no file of cpp/src
+    # a header of cuda/. The build enforces it too (per-language include paths).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, "cuda")):
+        return  # an installed copy of the tests without the sources
+    cuda_headers = {f for _, _, files in os.walk(os.path.join(root, "cuda")) for f in files if f.endswith(".cuh")}
+    src_headers = {f for _, _, files in os.walk(os.path.join(root, "cpp", "src")) for f in files if f.endswith(".h")}
+    src_headers |= {"cpu/" + f for f in os.listdir(os.path.join(root, "cpp", "src", "cpu")) if f.endswith(".h")}
+    wrong = []
+    for tree, foreign, allowed_prefixes in (("cuda", src_headers, ("zerofuse/", "common/")),
+                                            (os.path.join("cpp", "src"), cuda_headers, None)):
+        for dirpath, _, files in os.walk(os.path.join(root, tree)):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                for inc in _quoted_includes(path):
+                    own = os.path.exists(os.path.join(dirpath, inc)) or inc in cuda_headers
+                    if inc in foreign or (allowed_prefixes and not own and not inc.startswith(allowed_prefixes)):
+                        wrong.append(f"{os.path.relpath(path, root)} includes {inc}")
+    for dirpath, _, files in os.walk(os.path.join(root, "cpp", "common")):
+        for name in files:
+            for inc in _quoted_includes(os.path.join(dirpath, name)):
+                if not inc.startswith(("zerofuse/", "common/")):
+                    wrong.append(f"cpp/common/{name} includes {inc}")
+    assert wrong == []

@@ -66,6 +66,20 @@ StepControlConfig step_control_config(bool dynamic_loss_scale, int initial_scale
 void bind_kernels(py::module_& m) {
   m.attr("STEP_STATE_SIZE") = int(kStepStateSize);
   m.attr("STEP_OUTPUT_SIZE") = int(kStepOutputSize);
+  // The entries by name (zerofuse/step_control.h), so Python never retypes an index.
+  py::dict state_fields, output_fields;
+  state_fields["loss_scale"] = int(kStateLossScale);
+  state_fields["cur_iter"] = int(kStateCurIter);
+  state_fields["last_overflow_iter"] = int(kStateLastOverflowIter);
+  state_fields["cur_hysteresis"] = int(kStateCurHysteresis);
+  state_fields["applied_steps"] = int(kStateAppliedSteps);
+  state_fields["skipped_steps"] = int(kStateSkippedSteps);
+  state_fields["at_minimum"] = int(kStateAtMinimum);
+  output_fields["grad_multiplier"] = int(kOutGradMultiplier);
+  output_fields["skip"] = int(kOutSkip);
+  output_fields["grad_norm"] = int(kOutGradNorm);
+  m.attr("STEP_STATE_FIELDS") = state_fields;
+  m.attr("STEP_OUTPUT_FIELDS") = output_fields;
   m.def(
       "step_control_init",
       [](py::handle state, bool dynamic_loss_scale, int initial_scale_power, std::int64_t loss_scale_window,

@@ -7,10 +7,7 @@
 #include <utility>
 
 #include "checks.h"
-#include "cpu/kernels.h"
-#ifdef ZEROFUSE_WITH_CUDA
-#include "cuda_kernels.h"
-#endif
+#include "dispatch.h"
 
 namespace zerofuse {
 namespace {
@@ -122,13 +119,7 @@ void dispatch(const AdamTensorLists& t, const AdamConfig& config, Stream stream,
     cpu::kernels().adam_step_multi(t, config);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  (void)op;
-  cuda::adam_step_multi(t, config, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::adam_step_multi(t, config, stream));
 }
 
 }  // namespace

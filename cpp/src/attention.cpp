@@ -3,10 +3,7 @@
 #include <cmath>
 
 #include "checks.h"
-#include "cpu/kernels.h"
-#ifdef ZEROFUSE_WITH_CUDA
-#include "cuda_kernels.h"
-#endif
+#include "dispatch.h"
 #include "memory_hint.h"
 
 namespace zerofuse {
@@ -23,12 +20,11 @@ void check_bhsd(const TensorView& t, const char* op, const char* name) {
                 t.strides[3]);
 }
 
-void check_like(const TensorView& t, const TensorView& like, const char* like_name, const char* op,
-                const char* name) {
-  check_dtype(t, op, name, {like.dtype});
+// Outputs take any strides the kernels take (dense last dimension).
+void check_output(const TensorView& t, const TensorView& like, const char* like_name, const char* op,
+                  const char* name) {
   check_bhsd(t, op, name);
-  check_same_shape(t, op, name, like, like_name);
-  check_same_device(t, op, name, like, like_name);
+  check_like(t, op, name, like, like_name, /*must_be_contiguous=*/false);
 }
 
 void check_qkv(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* mask,
@@ -76,19 +72,14 @@ void attention_forward(const TensorView& q, const TensorView& k, const TensorVie
                        const TensorView& lse, Stream stream) {
   const char* op = "zerofuse.attention";
   check_qkv(q, k, v, key_padding_mask, config, op);
-  check_like(out, q, "q", op, "out");
+  check_output(out, q, "q", op, "out");
   check_lse(lse, q, op);
   if (q.device.is_cpu()) {
     prefer_huge_pages(out.data, std::size_t(out.numel()) * out.element_size());
     cpu::kernels().attention_forward(q, k, v, key_padding_mask, config, out, lse);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::attention_forward(q, k, v, key_padding_mask, config, out, lse, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::attention_forward(q, k, v, key_padding_mask, config, out, lse, stream));
 }
 
 void attention_backward(const TensorView& dout, const TensorView& q, const TensorView& k, const TensorView& v,
@@ -97,23 +88,18 @@ void attention_backward(const TensorView& dout, const TensorView& q, const Tenso
                         const TensorView& dv, Stream stream) {
   const char* op = "zerofuse.attention_backward";
   check_qkv(q, k, v, key_padding_mask, config, op);
-  check_like(out, q, "q", op, "out");
-  check_like(dout, q, "q", op, "grad_out");
+  check_output(out, q, "q", op, "out");
+  check_output(dout, q, "q", op, "grad_out");
   check_lse(lse, q, op);
-  check_like(dq, q, "q", op, "grad_q");
-  check_like(dk, k, "k", op, "grad_k");
-  check_like(dv, v, "v", op, "grad_v");
+  check_output(dq, q, "q", op, "grad_q");
+  check_output(dk, k, "k", op, "grad_k");
+  check_output(dv, v, "v", op, "grad_v");
   if (q.device.is_cpu()) {
     for (const TensorView* g : {&dq, &dk, &dv}) prefer_huge_pages(g->data, std::size_t(g->numel()) * g->element_size());
     cpu::kernels().attention_backward(dout, q, k, v, out, lse, key_padding_mask, config, dq, dk, dv);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::attention_backward(dout, q, k, v, out, lse, key_padding_mask, config, dq, dk, dv, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::attention_backward(dout, q, k, v, out, lse, key_padding_mask, config, dq, dk, dv, stream));
 }
 
 }  // namespace zerofuse

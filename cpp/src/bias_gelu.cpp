@@ -1,11 +1,8 @@
 #include "zerofuse/bias_gelu.h"
 
 #include "checks.h"
-#include "cpu/kernels.h"
+#include "dispatch.h"
 #include "memory_hint.h"
-#ifdef ZEROFUSE_WITH_CUDA
-#include "cuda_kernels.h"
-#endif
 
 namespace zerofuse {
 namespace {
@@ -25,40 +22,27 @@ void check_pair(const TensorView& x, const TensorView& bias, const char* op) {
   check_present(bias, op, "bias");
 }
 
-void check_like(const TensorView& t, const TensorView& x, const char* op, const char* name) {
-  check_dtype(t, op, name, {x.dtype});
-  check_same_shape(t, op, name, x, "input");
-  check_contiguous(t, op, name);
-  check_same_device(t, op, name, x, "input");
-  check_present(t, op, name);
-}
-
 }  // namespace
 
 void bias_gelu_forward(const TensorView& x, const TensorView& bias, GeluApproximation approximate,
                        const TensorView& y, Stream stream) {
   const char* op = "zerofuse.bias_gelu";
   check_pair(x, bias, op);
-  check_like(y, x, op, "out");
+  check_like(y, op, "out", x, "input");
   if (x.device.is_cpu()) {
     prefer_huge_pages(y.data, std::size_t(y.numel()) * y.element_size());
     cpu::kernels().bias_gelu_forward(x, bias, approximate, y);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::bias_gelu_forward(x, bias, approximate, y, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::bias_gelu_forward(x, bias, approximate, y, stream));
 }
 
 void bias_gelu_backward(const TensorView& dy, const TensorView& x, const TensorView& bias,
                         GeluApproximation approximate, const TensorView& dx, const TensorView* dbias, Stream stream) {
   const char* op = "zerofuse.bias_gelu_backward";
   check_pair(x, bias, op);
-  check_like(dy, x, op, "grad_out");
-  check_like(dx, x, op, "grad_input");
+  check_like(dy, op, "grad_out", x, "input");
+  check_like(dx, op, "grad_input", x, "input");
   if (dbias) {
     check_dtype(*dbias, op, "grad_bias", {bias.dtype});
     check_same_shape(*dbias, op, "grad_bias", bias, "bias");
@@ -70,12 +54,7 @@ void bias_gelu_backward(const TensorView& dy, const TensorView& x, const TensorV
     cpu::kernels().bias_gelu_backward(dy, x, bias, approximate, dx, dbias);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::bias_gelu_backward(dy, x, bias, approximate, dx, dbias, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::bias_gelu_backward(dy, x, bias, approximate, dx, dbias, stream));
 }
 
 }  // namespace zerofuse

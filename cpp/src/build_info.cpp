@@ -1,11 +1,8 @@
 #include "zerofuse/build_info.h"
 
+#include "common/cuda_runtime_info.h"
 #include "cpu/kernels.h"
 #include "parallel.h"
-
-#ifdef ZEROFUSE_WITH_CUDA
-#include "cuda_runtime_info.h"
-#endif
 
 namespace zerofuse {
 

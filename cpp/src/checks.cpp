@@ -156,6 +156,15 @@ void check_same_device(const TensorView& view, const char* op, const char* name,
                 like_name, "', got ", describe(view));
 }
 
+void check_like(const TensorView& view, const char* op, const char* name, const TensorView& like,
+                const char* like_name, bool must_be_contiguous) {
+  check_dtype(view, op, name, {like.dtype});
+  check_same_shape(view, op, name, like, like_name);
+  if (must_be_contiguous) check_contiguous(view, op, name);
+  check_same_device(view, op, name, like, like_name);
+  check_present(view, op, name);
+}
+
 void check_scalar_f32(const TensorView& view, const char* op, const char* name, Device device) {
   if (view.dtype != DType::Float32 || view.numel() != 1)
     value_error(op, ": argument '", name, "' must be a float32 tensor of one element, got ",
@@ -180,7 +189,8 @@ void check_device_supported(const TensorView& view, const char* op, const char* 
 }
 
 [[noreturn]] void no_cuda_kernel(const char* op) {
-  runtime_error(op, ": this build has no CUDA implementation of this kernel yet; pass CPU tensors");
+  runtime_error(op, ": got CUDA tensors, but this build of zerofuse has no CUDA support (nvcc was not found when "
+                "it was built); rebuild with the CUDA toolkit installed, or pass CPU tensors");
 }
 
 }  // namespace detail

@@ -25,6 +25,11 @@ void check_shape(const TensorView& view, const char* op, const char* name,
                  std::initializer_list<std::int64_t> shape);
 void check_same_device(const TensorView& view, const char* op, const char* name,
                        const TensorView& like, const char* like_name);
+// An output or companion tensor that must match `like`: its dtype, shape and
+// device, with data; contiguous unless `must_be_contiguous` is false (kernels
+// that take strides).
+void check_like(const TensorView& view, const char* op, const char* name, const TensorView& like,
+                const char* like_name, bool must_be_contiguous = true);
 // A float32 tensor of exactly one element on `device` (the optional step scalars).
 void check_scalar_f32(const TensorView& view, const char* op, const char* name, Device device);
 // CUDA views are fine only in a CUDA build; say so before anything runs.

@@ -6,13 +6,10 @@
 namespace zerofuse::cpu {
 namespace {
 
-#define ZEROFUSE_KERNEL_TABLE(isa)                                                          \
-  Kernels {                                                                                 \
-    #isa, &isa::adam_step_multi, &isa::grad_stats, &isa::layernorm_forward,                 \
-        &isa::layernorm_backward, &isa::attention_forward, &isa::attention_backward,        \
-        &isa::cross_entropy_forward, &isa::cross_entropy_backward, &isa::bias_gelu_forward, \
-        &isa::bias_gelu_backward, &isa::masked_softmax_forward, &isa::masked_softmax_backward \
-  }
+#define ZEROFUSE_CPU_KERNEL_ENTRY_baseline(name, Type) &baseline::name,
+#define ZEROFUSE_CPU_KERNEL_ENTRY_avx2(name, Type) &avx2::name,
+#define ZEROFUSE_KERNEL_TABLE(isa) \
+  Kernels { #isa, ZEROFUSE_CPU_KERNELS(ZEROFUSE_CPU_KERNEL_ENTRY_##isa) }
 
 const Kernels& choose() {
   static const Kernels baseline_table = ZEROFUSE_KERNEL_TABLE(baseline);

@@ -3,10 +3,7 @@
 #include <cmath>
 
 #include "checks.h"
-#include "cpu/kernels.h"
-#ifdef ZEROFUSE_WITH_CUDA
-#include "cuda_kernels.h"
-#endif
+#include "dispatch.h"
 
 namespace zerofuse {
 namespace {
@@ -62,12 +59,7 @@ void cross_entropy_forward(const TensorView& logits, const TensorView& target, c
     cpu::kernels().cross_entropy_forward(logits, target, config, loss, lse);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::cross_entropy_forward(logits, target, config, loss, lse, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::cross_entropy_forward(logits, target, config, loss, lse, stream));
 }
 
 void cross_entropy_backward(const TensorView& logits, const TensorView& target, const TensorView& lse,
@@ -91,12 +83,7 @@ void cross_entropy_backward(const TensorView& logits, const TensorView& target, 
     cpu::kernels().cross_entropy_backward(logits, target, lse, grad, config, dlogits);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::cross_entropy_backward(logits, target, lse, grad, config, dlogits, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::cross_entropy_backward(logits, target, lse, grad, config, dlogits, stream));
 }
 
 }  // namespace zerofuse

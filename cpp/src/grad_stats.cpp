@@ -3,10 +3,7 @@
 #include <string>
 
 #include "checks.h"
-#include "cpu/kernels.h"
-#ifdef ZEROFUSE_WITH_CUDA
-#include "cuda_kernels.h"
-#endif
+#include "dispatch.h"
 
 namespace zerofuse {
 
@@ -29,12 +26,7 @@ void grad_stats(const std::vector<TensorView>& grads, const TensorView& out, Str
     cpu::kernels().grad_stats(grads, out.data_as<float>());
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::grad_stats(grads, out, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::grad_stats(grads, out, stream));
 }
 
 }  // namespace zerofuse

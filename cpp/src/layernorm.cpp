@@ -3,10 +3,7 @@
 #include <cmath>
 
 #include "checks.h"
-#include "cpu/kernels.h"
-#ifdef ZEROFUSE_WITH_CUDA
-#include "cuda_kernels.h"
-#endif
+#include "dispatch.h"
 #include "memory_hint.h"
 
 namespace zerofuse {
@@ -51,14 +48,6 @@ void check_stats(const TensorView& s, const TensorView& x, const char* op, const
   check_present(s, op, name);
 }
 
-void check_like(const TensorView& t, const TensorView& x, const char* op, const char* name) {
-  check_dtype(t, op, name, {x.dtype});
-  check_same_shape(t, op, name, x, "input");
-  check_contiguous(t, op, name);
-  check_same_device(t, op, name, x, "input");
-  check_present(t, op, name);
-}
-
 void check_same_param_dtype(const TensorView* a, const char* a_name, const TensorView* b,
                             const char* b_name, const char* op) {
   if (a && b && a->dtype != b->dtype)
@@ -71,13 +60,13 @@ void forward_impl(const char* op, const TensorView& x, const TensorView* residua
                   const TensorView* bias, float eps, const TensorView* sum, const TensorView& y,
                   const TensorView& mean, const TensorView& rstd, Stream stream) {
   check_input(x, op, "input");
-  if (residual) check_like(*residual, x, op, "residual");
-  if (sum) check_like(*sum, x, op, "sum");
+  if (residual) check_like(*residual, op, "residual", x, "input");
+  if (sum) check_like(*sum, op, "sum", x, "input");
   check_affine(weight, x, op, "weight");
   check_affine(bias, x, op, "bias");
   check_same_param_dtype(weight, "weight", bias, "bias", op);
   if (!(eps >= 0.0f && std::isfinite(eps))) value_error(op, ": 'eps' must be a finite number >= 0, got ", eps);
-  check_like(y, x, op, "out");
+  check_like(y, op, "out", x, "input");
   check_stats(mean, x, op, "mean");
   check_stats(rstd, x, op, "rstd");
   if (x.device.is_cpu()) {
@@ -86,24 +75,19 @@ void forward_impl(const char* op, const TensorView& x, const TensorView* residua
     cpu::kernels().layernorm_forward(x, residual, weight, bias, eps, sum, y, mean, rstd);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::layernorm_forward(x, residual, weight, bias, eps, sum, y, mean, rstd, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::layernorm_forward(x, residual, weight, bias, eps, sum, y, mean, rstd, stream));
 }
 
 void backward_impl(const char* op, const TensorView& dy, const TensorView& x, const TensorView* weight,
                    const TensorView& mean, const TensorView& rstd, const TensorView* grad_sum, const TensorView& dx,
                    const TensorView* dweight, const TensorView* dbias, Stream stream) {
   check_input(x, op, "input");
-  check_like(dy, x, op, "grad_out");
-  if (grad_sum) check_like(*grad_sum, x, op, "grad_sum");
+  check_like(dy, op, "grad_out", x, "input");
+  if (grad_sum) check_like(*grad_sum, op, "grad_sum", x, "input");
   check_affine(weight, x, op, "weight");
   check_stats(mean, x, op, "mean");
   check_stats(rstd, x, op, "rstd");
-  check_like(dx, x, op, "grad_input");
+  check_like(dx, op, "grad_input", x, "input");
   if (dweight != nullptr && weight == nullptr)
     value_error(op, ": 'grad_weight' was asked for but there is no 'weight'");
   check_affine(dweight, x, op, "grad_weight");
@@ -116,12 +100,7 @@ void backward_impl(const char* op, const TensorView& dy, const TensorView& x, co
     cpu::kernels().layernorm_backward(dy, x, weight, mean, rstd, grad_sum, dx, dweight, dbias);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::layernorm_backward(dy, x, weight, mean, rstd, grad_sum, dx, dweight, dbias, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::layernorm_backward(dy, x, weight, mean, rstd, grad_sum, dx, dweight, dbias, stream));
 }
 
 }  // namespace

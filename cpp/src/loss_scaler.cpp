@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "loss_scale_rule.h"
+#include "common/loss_scale_rule.h"
 #include "zerofuse/error.h"
 
 namespace zerofuse {

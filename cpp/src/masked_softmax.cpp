@@ -3,11 +3,8 @@
 #include <cmath>
 
 #include "checks.h"
-#include "cpu/kernels.h"
+#include "dispatch.h"
 #include "memory_hint.h"
-#ifdef ZEROFUSE_WITH_CUDA
-#include "cuda_kernels.h"
-#endif
 
 namespace zerofuse {
 namespace {
@@ -24,15 +21,6 @@ void check_scores(const TensorView& x, const char* op, const char* name) {
     value_error(op, ": argument '", name, "' must have 1 to 4 dimensions ([..., rows, n]), got ", describe(x));
   check_contiguous(x, op, name);
   check_present(x, op, name);
-}
-
-void check_like(const TensorView& t, const TensorView& like, const char* like_name, const char* op,
-                const char* name) {
-  check_dtype(t, op, name, {like.dtype});
-  check_same_shape(t, op, name, like, like_name);
-  check_contiguous(t, op, name);
-  check_same_device(t, op, name, like, like_name);
-  check_present(t, op, name);
 }
 
 void check_mask(const TensorView& mask, const TensorView& x, const char* op) {
@@ -56,7 +44,7 @@ void masked_softmax_forward(const TensorView& x, const TensorView* mask, const M
   const char* op = "zerofuse.masked_softmax";
   check_scores(x, op, "input");
   if (mask != nullptr) check_mask(*mask, x, op);
-  check_like(y, x, "input", op, "out");
+  check_like(y, op, "out", x, "input");
   if (!std::isfinite(config.scale)) value_error(op, ": 'scale' must be finite, got ", config.scale);
   if (config.causal && x.ndim < 2)
     value_error(op, ": causal masking needs [..., rows, n] input (at least 2 dimensions), got ", describe(x));
@@ -66,32 +54,22 @@ void masked_softmax_forward(const TensorView& x, const TensorView* mask, const M
     cpu::kernels().masked_softmax_forward(x, mask, config, y);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::masked_softmax_forward(x, mask, config, y, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::masked_softmax_forward(x, mask, config, y, stream));
 }
 
 void masked_softmax_backward(const TensorView& dy, const TensorView& y, float scale, const TensorView& dx,
                              Stream stream) {
   const char* op = "zerofuse.masked_softmax_backward";
   check_scores(y, op, "out");
-  check_like(dy, y, "out", op, "grad_out");
-  check_like(dx, y, "out", op, "grad_input");
+  check_like(dy, op, "grad_out", y, "out");
+  check_like(dx, op, "grad_input", y, "out");
   if (!std::isfinite(scale)) value_error(op, ": 'scale' must be finite, got ", scale);
   if (y.numel() == 0) return;
   if (y.device.is_cpu()) {
     cpu::kernels().masked_softmax_backward(dy, y, scale, dx);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::masked_softmax_backward(dy, y, scale, dx, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::masked_softmax_backward(dy, y, scale, dx, stream));
 }
 
 }  // namespace zerofuse

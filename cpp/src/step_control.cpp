@@ -3,10 +3,8 @@
 #include <cmath>
 
 #include "checks.h"
-#include "loss_scale_rule.h"
-#ifdef ZEROFUSE_WITH_CUDA
-#include "cuda_kernels.h"
-#endif
+#include "dispatch.h"
+#include "common/loss_scale_rule.h"
 
 namespace zerofuse {
 namespace {
@@ -45,12 +43,7 @@ void step_control_init(const TensorView& state, const StepControlConfig& config,
     for (int i = 0; i < kStepStateSize; ++i) state.data_as<double>()[i] = init[i];
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::step_control_init(state, init, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::step_control_init(state, init, stream));
 }
 
 void step_control(const TensorView& stats, const TensorView& state, const TensorView& out,
@@ -66,12 +59,7 @@ void step_control(const TensorView& stats, const TensorView& state, const Tensor
     apply_step_control(stats.data_as<const float>(), state.data_as<double>(), out.data_as<float>(), config);
     return;
   }
-#ifdef ZEROFUSE_WITH_CUDA
-  cuda::step_control(stats, state, out, config, stream);
-#else
-  (void)stream;
-  no_cuda_kernel(op);
-#endif
+  ZF_CUDA_KERNEL(op, cuda::step_control(stats, state, out, config, stream));
 }
 
 }  // namespace zerofuse

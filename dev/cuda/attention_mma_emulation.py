@@ -1,9 +1,9 @@
 """The tensor-core attention kernels' fragment logic, checked without a GPU.
 
 A numpy emulation of one warp's mma.m16n8k16 and ldmatrix.x4.trans, written
-from the PTX ISA's fragment layouts, runs hand ports of cuda/mma.cuh's helpers
-and of the index math of cuda/attention_mma.cu (forward) and
-cuda/attention_mma_backward.cu (keys and queries kernels), in float64, against
+from the PTX ISA's fragment layouts, runs hand ports of cuda/attention/mma.cuh's helpers
+and of the index math of cuda/attention/attention_mma.cu (forward) and
+cuda/attention/attention_mma_backward.cu (keys and queries kernels), in float64, against
 the attention formulas: odd lengths, causal, key padding, both head dims.
 
 It checks layouts and indexing (which fragment holds which element, tile

@@ -1,6 +1,30 @@
 """The flat-buffer plan: where each parameter lives in one flat buffer, and
 which part of it every data-parallel rank owns (see cpp/include/zerofuse/flat_plan.h)."""
+from typing import NamedTuple
+
 from . import _C
+
+
+class ParamSlot(NamedTuple):
+    offset: int   # first element in the flat buffer
+    numel: int
+    padding: int  # elements between this parameter's end and the next offset
+
+
+class Bucket(NamedTuple):
+    begin: int         # flat [begin, end); end - begin == world_size * chunk
+    end: int
+    chunk: int         # elements of each rank
+    shard_offset: int  # where every rank's chunk lives in its shard
+
+
+class ShardSlice(NamedTuple):
+    """One rank's piece of one parameter."""
+
+    param_index: int
+    param_begin: int   # first element within the parameter
+    shard_offset: int  # where the piece lives in the rank's shard
+    length: int
 
 
 class FlatPlan:
@@ -13,8 +37,7 @@ class FlatPlan:
     size.
 
     Attributes (all in elements): ``total``, ``shard_size``, ``alignment``,
-    ``params`` (list of (offset, numel, padding)), ``buckets`` (list of
-    (begin, end, chunk, shard_offset)).
+    ``params`` (list of ParamSlot), ``buckets`` (list of Bucket).
     """
 
     def __init__(self, numels, *, world_size=1, element_size=2, alignment_bytes=256, bucket_bytes=500_000_000):
@@ -39,8 +62,8 @@ class FlatPlan:
         self.alignment = self._plan.alignment
         self.total = self._plan.total
         self.shard_size = self._plan.shard_size
-        self.params = self._plan.params
-        self.buckets = self._plan.buckets
+        self.params = [ParamSlot(*p) for p in self._plan.params]
+        self.buckets = [Bucket(*b) for b in self._plan.buckets]
 
     def owner(self, flat_index: int):
         """(rank, position in that rank's shard) of flat element `flat_index`."""
@@ -51,9 +74,8 @@ class FlatPlan:
         return self._plan.buckets_of_param(param_index)
 
     def shard_slices(self, rank: int):
-        """The pieces of parameters rank `rank` owns, in shard order, as
-        (param_index, first element in the param, offset in the shard, length)."""
-        return self._plan.shard_slices(rank)
+        """The pieces of parameters rank `rank` owns, in shard order (ShardSlice)."""
+        return [ShardSlice(*s) for s in self._plan.shard_slices(rank)]
 
     def __repr__(self):
         return (

@@ -5,6 +5,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/adam_math.h"
 #include "cpu/convert.h"
 #include "cpu/kernels.h"
 #include "parallel.h"
@@ -14,45 +15,26 @@ namespace {
 
 struct NoCopy {};
 
-// Per-call constants, computed once in double and rounded to float.
+// Everything a call's elements share; see common/adam_math.h.
 struct AdamCoefficients {
-  float grad_multiplier;     // inv_scale * clip_coef * optional device multiplier
-  float beta1, one_minus_beta1, beta2, one_minus_beta2;
-  float eps;
-  float l2;                  // Adam: weight_decay; AdamW: 0
-  float decay;               // AdamW: 1 - lr * weight_decay; Adam: 1
-  float step_size;           // lr / (1 - beta1^step)
-  float bias_correction2_sqrt;
+  float grad_multiplier;  // inv_scale * clip_coef * the optional device multiplier, rounded once
+  detail::AdamConstants constants;
+  detail::AdamStepCoefficients step;
 };
 
 AdamCoefficients coefficients(const AdamConfig& c) {
-  AdamCoefficients k;
+  // On the CPU the device scalars are plain memory: read them here, once.
   double multiplier = c.inv_scale * c.clip_coef;
   if (c.grad_multiplier.data != nullptr) multiplier *= *static_cast<const float*>(c.grad_multiplier.data);
-  k.grad_multiplier = float(multiplier);
-  k.beta1 = float(c.beta1);
-  k.one_minus_beta1 = float(1.0 - c.beta1);
-  k.beta2 = float(c.beta2);
-  k.one_minus_beta2 = float(1.0 - c.beta2);
-  k.eps = float(c.eps);
-  k.l2 = c.adam_w_mode ? 0.0f : float(c.weight_decay);
   const double lr = c.lr_tensor.data != nullptr ? *static_cast<const double*>(c.lr_tensor.data) : c.lr;
-  k.decay = c.adam_w_mode ? float(1.0 - lr * c.weight_decay) : 1.0f;
   const double step = c.step_tensor.data != nullptr ? *static_cast<const double*>(c.step_tensor.data) : double(c.step);
-  const double bc1 = c.bias_correction ? 1.0 - std::pow(c.beta1, std::max(step, 1.0)) : 1.0;
-  const double bc2 = c.bias_correction ? 1.0 - std::pow(c.beta2, std::max(step, 1.0)) : 1.0;
-  k.step_size = float(lr / bc1);
-  k.bias_correction2_sqrt = float(std::sqrt(bc2));
-  return k;
+  return {float(multiplier), detail::adam_constants(c),
+          detail::adam_step_coefficients(lr, step, c.beta1, c.beta2, c.weight_decay, c.adam_w_mode,
+                                         c.bias_correction)};
 }
 
-inline __attribute__((always_inline)) void adam_element(float& p, float g, float& m, float& v,
-                                                         const AdamCoefficients& k) {
-  g = g * k.grad_multiplier + k.l2 * p;
-  m = k.beta1 * m + k.one_minus_beta1 * g;
-  v = k.beta2 * v + k.one_minus_beta2 * g * g;
-  p *= k.decay;
-  p -= k.step_size * (m / (std::sqrt(v) / k.bias_correction2_sqrt + k.eps));
+ZF_FORCE_INLINE void adam_element(float& p, float g, float& m, float& v, const AdamCoefficients& k) {
+  detail::adam_update(p, g, m, v, k.grad_multiplier, k.constants, k.step);
 }
 
 // float16 operands are converted a block at a time by to_float_row /

@@ -13,7 +13,7 @@
 #include "cpu/fast_math.h"
 #include "cpu/kernels.h"
 #include "parallel.h"
-#include "softmax_rows.h"
+#include "common/softmax_rows.h"
 
 namespace zerofuse::cpu::ZF_CPU_ISA {
 namespace {

@@ -28,6 +28,7 @@ from .._version import __version__
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_STATES = "model_states.pt"
+SHARD_KEYS = ("slices", "master", "exp_avg", "exp_avg_sq")  # a shard file: the optimizer state's tensors
 
 
 class CheckpointError(RuntimeError):
@@ -115,11 +116,11 @@ def _set_rng_state(state):
 
 
 def _param_table(engine):
-    """Trainable parameters in layout order, each with every state_dict key that
-    names it (tied weights have several)."""
-    slots = engine.optimizer.layout.slots
-    index_of = {id(s.param): i for i, s in enumerate(slots)}
-    table = [{"name": s.name, "shape": list(s.shape), "keys": []} for s in slots]
+    """Trainable parameters in the optimizer's order, each with every state_dict
+    key that names it (tied weights have several)."""
+    trainable = engine.optimizer.named_trainable_parameters()
+    index_of = {id(p): i for i, (_, p) in enumerate(trainable)}
+    table = [{"name": name, "shape": list(p.shape), "keys": []} for name, p in trainable]
     order = []
     for key, value in engine.module.state_dict(keep_vars=True).items():
         i = index_of.get(id(value))
@@ -142,7 +143,6 @@ def save_checkpoint(engine, save_dir, tag, client_state, save_latest=True):
     if not tag or "/" in tag or tag.startswith("."):
         raise ValueError(f"save_checkpoint: 'tag' must be a plain directory name, got {tag!r}")
     opt = engine.optimizer
-    opt.sync_host()
     rank, world = engine.placement.rank, engine.placement.world_size
     final = os.path.join(save_dir, tag)
     partial = os.path.join(save_dir, f".{tag}.partial")
@@ -153,11 +153,9 @@ def save_checkpoint(engine, save_dir, tag, client_state, save_latest=True):
     _barrier(engine)
 
     # Each rank: its optimizer pieces (ZeRO-0 ranks hold the same state: rank 0 writes it) and RNG.
-    writes_shard = opt.partition_world > 1 or rank == 0
-    if writes_shard:
-        slices, master, m, v = opt.shard_pieces()
-        _save_file({"slices": slices, "master": master, "exp_avg": m, "exp_avg_sq": v},
-                   os.path.join(partial, _shard_name(rank)))
+    opt_state = opt.state_dict()
+    if opt.partition_world > 1 or rank == 0:
+        _save_file({k: opt_state[k] for k in SHARD_KEYS}, os.path.join(partial, _shard_name(rank)))
     _save_file(_rng_state(), os.path.join(partial, _rng_name(rank)))
     if rank == 0:
         states = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
@@ -179,7 +177,9 @@ def save_checkpoint(engine, save_dir, tag, client_state, save_latest=True):
             "global_steps": engine.global_steps,
             "skipped_steps": engine.skipped_steps,
             "micro_steps": engine.micro_steps,
-            "step_state": opt.step_state_dict(),
+            "progress": engine.progress.state_dict(),
+            "step_state": opt_state["step_control"],
+            "optimizer_param_groups": opt_state["param_groups"],
             "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
             "params": table,
             "state_dict_keys": order,
@@ -234,7 +234,7 @@ def _iter_pieces(path, manifest):
     names = [p["name"] for p in manifest["params"]]
     for shard in manifest["shard_files"]:
         data = _load_file(os.path.join(path, shard), mmap=True)
-        for key in ("slices", "master", "exp_avg", "exp_avg_sq"):
+        for key in SHARD_KEYS:
             if key not in data:
                 raise CheckpointError(f"{os.path.join(path, shard)} lacks '{key}'; the checkpoint is corrupt")
         cursor = 0
@@ -250,23 +250,22 @@ def load_checkpoint(engine, load_dir, tag, load_optimizer_states=True, load_lr_s
                     load_module_only=False):
     path, manifest = read_manifest(load_dir, tag)
     opt = engine.optimizer
-    slots = opt.layout.slots
     saved = {p["name"]: p for p in manifest["params"]}
-    mine = {s.name: s for s in slots}
+    mine = dict(opt.named_trainable_parameters())
     if set(saved) != set(mine):
         missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
         raise CheckpointError(f"{path}: trainable parameters differ from the model's: missing from the checkpoint "
                               f"{missing[:5]}, not in the model {extra[:5]}")
-    for name, slot in mine.items():
-        if list(slot.shape) != saved[name]["shape"]:
+    for name, param in mine.items():
+        if list(param.shape) != saved[name]["shape"]:
             raise CheckpointError(f"{path}: parameter {name!r} has shape {saved[name]['shape']} in the checkpoint "
-                                  f"but {list(slot.shape)} in the model")
+                                  f"but {list(param.shape)} in the model")
 
     states = _load_file(os.path.join(path, MODEL_STATES))
     with torch.no_grad():
+        own = engine.module.state_dict()
         result = engine.module.load_state_dict(
-            {k: v.to(engine.module.state_dict()[k].dtype) if k in engine.module.state_dict() else v
-             for k, v in states.items()}, strict=False)
+            {k: v.to(own[k].dtype) if k in own else v for k, v in states.items()}, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path}: model state does not fit the model: missing {result.missing_keys[:5]}, "
                               f"unexpected {result.unexpected_keys[:5]}")
@@ -274,33 +273,38 @@ def load_checkpoint(engine, load_dir, tag, load_optimizer_states=True, load_lr_s
     if load_module_only or not load_optimizer_states:
         opt.reset_from_params()
     else:
-        _load_optimizer_pieces(engine, path, manifest)
-        opt.load_step_state_dict(manifest["step_state"])
-        engine._applied_seen = int(manifest["step_state"]["applied_steps"])
-        engine._skipped_reported = int(manifest["step_state"]["skipped_steps"])
-        engine.micro_steps = (engine._applied_seen + engine._skipped_reported) * engine.config.gradient_accumulation_steps
+        opt_state = _pieces_for(opt.owned_pieces(), path, manifest)
+        opt_state["step_control"] = manifest["step_state"]
+        opt_state["param_groups"] = manifest.get("optimizer_param_groups")
+        opt.load_state_dict(opt_state)
+        engine.progress.load_state_dict(manifest.get("progress") or _progress_of_format1(manifest))
         if load_lr_scheduler_states and engine.lr_scheduler is not None and manifest.get("scheduler") is not None:
             engine.lr_scheduler.load_state_dict(manifest["scheduler"])
         rng_files = manifest["rng_files"]
         _set_rng_state(_load_file(os.path.join(path, rng_files[engine.placement.rank % len(rng_files)])))
+        engine.monitor.resume(engine.global_samples)
     _barrier(engine)
     return path, manifest.get("client_state", {})
 
 
-def _load_optimizer_pieces(engine, path, manifest):
-    """Fill this rank's shard from whichever saved pieces overlap it (any world size / stage)."""
-    opt = engine.optimizer
-    slots = opt.layout.slots
-    wanted = opt.layout.plan.shard_slices(opt.layout.rank)  # (param index, first, shard offset, length)
-    total = sum(length for *_, length in wanted)
+def _progress_of_format1(manifest):
+    """Checkpoints written before the progress entry existed: derived from the step counts."""
+    applied, skipped = int(manifest["step_state"]["applied_steps"]), int(manifest["step_state"]["skipped_steps"])
+    return {"optimizer_steps": applied + skipped, "scheduler_steps": applied, "skipped_reported": skipped}
+
+
+def _pieces_for(wanted, path, manifest):
+    """The resharding: values of the pieces `wanted` ([(name, first, length)],
+    one rank's owned pieces, any world size or stage) assembled in that order
+    from whichever saved pieces overlap them."""
+    total = sum(w.length for w in wanted)
     out = {k: torch.empty(total, dtype=torch.float32) for k in ("master", "exp_avg", "exp_avg_sq")}
     covered = torch.zeros(total, dtype=torch.int32)
-    # For each parameter: where its wanted pieces go in `out`.
-    by_name = {}
+    by_name = {}  # name -> [(first, length, position in out)]
     cursor = 0
-    for param_index, first, _, length in wanted:
-        by_name.setdefault(slots[param_index].name, []).append((first, length, cursor))
-        cursor += length
+    for w in wanted:
+        by_name.setdefault(w.name, []).append((w.first, w.length, cursor))
+        cursor += w.length
     for name, first, values in _iter_pieces(path, manifest):
         length = values["master"].numel()
         for w_first, w_length, w_pos in by_name.get(name, ()):
@@ -315,8 +319,7 @@ def _load_optimizer_pieces(engine, path, manifest):
     if total and int(covered.min()) != 1:
         raise CheckpointError(f"{path}: the optimizer shards do not cover every parameter exactly once "
                               "(a shard file is missing or from another checkpoint)")
-    device = opt.exp_avg.device
-    opt.load_shard_pieces(out["master"].to(device), out["exp_avg"].to(device), out["exp_avg_sq"].to(device))
+    return out
 
 
 # --- consolidation ----------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ from .. import ops  # noqa: F401  (registers zerofuse's torch ops before models 
 from . import distributed
 from .config import Config, ConfigError, parse_config
 from .monitor import Monitor
+from .progress import TrainingProgress
 from .schedulers import build_scheduler
+from .step_control import StepControlSettings
 from .zero_optimizer import HYPERPARAMETERS, ZeroOptimizer
 
 _LOW_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -129,17 +131,11 @@ class Engine:
                 p.data = p.data.to(self.device)
         self.module = model
 
-        fp16 = c.fp16
-        step_control = dict(
-            dynamic_loss_scale=fp16.enabled and fp16.dynamic, initial_scale_power=fp16.initial_scale_power,
-            loss_scale_window=fp16.loss_scale_window, hysteresis=fp16.hysteresis,
-            consecutive_hysteresis=fp16.consecutive_hysteresis, min_loss_scale=fp16.min_loss_scale,
-            max_grad_norm=c.gradient_clipping,
-            static_scale=fp16.loss_scale if (fp16.enabled and not fp16.dynamic) else 1.0)
         bucket = min(c.zero.reduce_bucket_size, c.zero.allgather_bucket_size)
         self.optimizer = ZeroOptimizer(groups, named, self.placement, stage=c.zero.stage, model_dtype=self.model_dtype,
                                        comm_dtype=comm, bucket_elements=bucket, overlap_comm=c.zero.overlap_comm,
-                                       reduce_scatter=c.zero.reduce_scatter, step_control=step_control)
+                                       reduce_scatter=c.zero.reduce_scatter,
+                                       step_control=StepControlSettings.from_config(c))
         if user_optimizer is not None:
             self.optimizer.param_groups = user_optimizer.param_groups
 
@@ -154,17 +150,20 @@ class Engine:
             self.lr_scheduler = lr_scheduler
 
         self.training_dataloader = self._dataloader(training_data, collate_fn) if training_data is not None else None
-        self.micro_steps = 0
-        self._applied_seen = 0  # applied steps the scheduler has been stepped for
+        self.progress = TrainingProgress()
         self._lr_kwargs = None  # what the last engine.step() passed on to the schedule
         self._last_loss = None
-        self._skipped_reported = 0
         self._step_start = time.perf_counter()
         self.monitor = Monitor(c, self.placement.is_main)
         if self.placement.is_main:
             self._print_config()
 
     # --- DeepSpeed's properties -----------------------------------------------------------------
+
+    @property
+    def micro_steps(self) -> int:
+        """engine.step() calls so far (after a resume: counted from the checkpoint's steps)."""
+        return self.progress.micro_steps(self.config.gradient_accumulation_steps)
 
     @property
     def global_steps(self) -> int:
@@ -181,8 +180,7 @@ class Engine:
 
     @property
     def loss_scale(self) -> float:
-        self.optimizer.sync_host()
-        return float(self.optimizer.host_state[0])
+        return self.optimizer.step_control.loss_scale
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -196,14 +194,11 @@ class Engine:
 
     def was_step_skipped(self) -> bool:
         """Whether the last optimizer step was skipped (inf/NaN gradients)."""
-        self.optimizer.sync_host()
-        return bool(self.optimizer.host_out[1].item())
+        return self.optimizer.step_control.last_step_skipped
 
     def get_global_grad_norm(self) -> Optional[float]:
         """The last step's gradient norm before clipping (None if it overflowed)."""
-        self.optimizer.sync_host()
-        norm = float(self.optimizer.host_out[2])
-        return norm if norm == norm else None
+        return self.optimizer.step_control.last_grad_norm
 
     def get_lr(self):
         """Each group's learning rate for the next step: as in DeepSpeed, the
@@ -213,7 +208,7 @@ class Engine:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        return (self.micro_steps + 1) % self.config.gradient_accumulation_steps == 0
+        return self.progress.micro_steps_in_window + 1 == self.config.gradient_accumulation_steps
 
     def memory_report(self):
         return self.optimizer.memory_report()
@@ -253,7 +248,7 @@ class Engine:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("engine.backward: 'loss' must be a tensor with one element")
         c = self.config
-        first = self.micro_steps % c.gradient_accumulation_steps == 0
+        first = self.progress.micro_steps_in_window == 0
         reducer = self.optimizer.reducer
         reducer.begin_backward(boundary=self.is_gradient_accumulation_boundary(), first_in_window=first)
         self._last_loss = loss.detach()
@@ -267,9 +262,7 @@ class Engine:
     def step(self, lr_kwargs=None):
         """Count the micro-step; at an accumulation boundary, step the optimizer
         (and the learning-rate schedule, when the step was applied)."""
-        boundary = self.is_gradient_accumulation_boundary()
-        self.micro_steps += 1
-        if not boundary:
+        if not self.progress.count_micro_step(self.config.gradient_accumulation_steps):
             return
         self._lr_kwargs = lr_kwargs
         self._step_scheduler_for_applied_steps(lr_kwargs)
@@ -282,8 +275,8 @@ class Engine:
         """DeepSpeed steps the schedule after every applied optimizer step. The
         outcome of a step is on the device; catch up with what the host now knows."""
         applied = self.optimizer.applied_steps
-        while self._applied_seen < applied:
-            self._applied_seen += 1
+        while self.progress.scheduler_steps < applied:
+            self.progress.scheduler_steps += 1
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step(**(lr_kwargs or {}))
 
@@ -293,7 +286,7 @@ class Engine:
         enabled, otherwise every steps_per_print steps (overflows are counted on
         the device meanwhile and reported there, one line for all of them)."""
         c = self.config
-        steps_done = self.micro_steps // c.gradient_accumulation_steps
+        steps_done = self.progress.optimizer_steps
         if self.monitor.enabled:
             self.monitor.write(self.global_samples, {
                 "train_loss": None if self._last_loss is None else float(self._last_loss.float()),
@@ -301,7 +294,7 @@ class Engine:
         if steps_done % c.steps_per_print or not self.placement.is_main:
             return
         skipped = self.skipped_steps
-        new_overflows, self._skipped_reported = skipped - self._skipped_reported, skipped
+        new_overflows, self.progress.skipped_reported = skipped - self.progress.skipped_reported, skipped
         now = time.perf_counter()
         line = (f"[zerofuse] step={self.global_steps}, skipped={skipped}, lr={self.get_lr()}, "
                 f"loss_scale={self.loss_scale:g}")

@@ -42,7 +42,7 @@ class GradReducer:
                  shard_grads: Optional[torch.Tensor]):
         self.layout = layout
         self.stage = stage
-        self.group = placement.group
+        self.placement = placement  # its group is looked up at each use (see Placement.group)
         self.world = placement.world_size
         self.device = placement.device
         self.grad_dtype = grad_dtype
@@ -198,9 +198,9 @@ class GradReducer:
             op = dist.ReduceOp.SUM if fp16 else dist.ReduceOp.AVG
             whole = hi - lo == src.numel()
             if whole or not self.use_reduce_scatter:
-                work = dist.all_reduce(src, op=op, group=self.group, async_op=True)
+                work = dist.all_reduce(src, op=op, group=self.placement.group, async_op=True)
             else:
-                work = collectives.reduce_scatter(part, src, op=op, group=self.group, async_op=True)
+                work = collectives.reduce_scatter(part, src, op=op, group=self.placement.group, async_op=True)
 
         def finish():
             if self.world > 1 and fp16:

@@ -66,25 +66,23 @@ class FlatLayout:
             self.slots.append(Slot(p, name, group_of[id(p)], offset, numel, p.shape, first, last))
         self.total = self.plan.total
         self.shard_size = self.plan.shard_size
-        self.buckets = self.plan.buckets  # (begin, end, chunk, shard_offset)
+        self.buckets = self.plan.buckets  # Bucket(begin, end, chunk, shard_offset)
         self.runs = self._runs()
 
     def chunk_range(self, bucket: int, rank: int = None):
         """Flat range of `rank`'s (default: this rank's) chunk of a bucket."""
-        begin, _, chunk, _ = self.buckets[bucket]
+        b = self.buckets[bucket]
         r = self.rank if rank is None else rank
-        return begin + r * chunk, begin + (r + 1) * chunk
+        return b.begin + r * b.chunk, b.begin + (r + 1) * b.chunk
 
     def _runs(self) -> List[Run]:
         runs: List[Run] = []
-        slices = self.plan.shard_slices(self.rank)  # (param, param_begin, shard_offset, length), shard order
-        bucket_of_shard = []  # shard_offset of each bucket, to split runs at chunk boundaries
-        for b, (_, _, chunk, shard_offset) in enumerate(self.buckets):
-            bucket_of_shard.append((shard_offset, shard_offset + chunk, b))
+        # Each bucket's chunk in the shard, to split runs at chunk boundaries.
+        bucket_of_shard = [(b.shard_offset, b.shard_offset + b.chunk, i) for i, b in enumerate(self.buckets)]
         b_index = 0
-        for param_index, _, shard_offset, length in slices:
-            group = self.slots[param_index].group
-            end = shard_offset + length
+        for piece in self.plan.shard_slices(self.rank):
+            group = self.slots[piece.param_index].group
+            shard_offset, end = piece.shard_offset, piece.shard_offset + piece.length
             while shard_offset < end:
                 while bucket_of_shard[b_index][1] <= shard_offset:
                     b_index += 1

@@ -10,24 +10,28 @@ them (ZeRO-1/2), the step decision on the device (skip on inf/NaN, unscale,
 clip, loss scale), one fused Adam pass per param group that also writes the
 new model-dtype params, and an all-gather of the updated params per bucket.
 """
-import math
-from typing import Dict, List
+from typing import Dict, List, NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from .. import _C
-from . import collectives
 from ..ops._library import stream_of
+from . import collectives
 from .grad_reducer import GradReducer
 from .layout import FlatLayout
-
-# Entries of the step-control state (cpp/include/zerofuse/step_control.h).
-STATE_LOSS_SCALE, STATE_CUR_ITER, STATE_LAST_OVERFLOW, STATE_HYSTERESIS = 0, 1, 2, 3
-STATE_APPLIED, STATE_SKIPPED, STATE_AT_MINIMUM = 4, 5, 6
-OUT_MULTIPLIER, OUT_SKIP, OUT_GRAD_NORM = 0, 1, 2
+from .step_control import StepControl, StepControlSettings
 
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "adam_w_mode", "bias_correction")
+_MOMENTS = ("master", "exp_avg", "exp_avg_sq")
+
+
+class OwnedPiece(NamedTuple):
+    """A piece of a parameter this rank updates: elements [first, first + length)
+    of the flattened parameter `name`."""
+
+    name: str
+    first: int
+    length: int
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -36,13 +40,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def __init__(self, param_groups: List[dict], named_params, placement, *, stage: int, model_dtype: torch.dtype,
                  comm_dtype: torch.dtype, bucket_elements: int, overlap_comm: bool, reduce_scatter: bool,
-                 step_control: dict):
+                 step_control: StepControlSettings):
         super().__init__(param_groups, {})
         self.placement = placement
         self.stage = stage
         self.model_dtype = model_dtype
         self.mixed = model_dtype != torch.float32
-        self.step_control_config = step_control
         device = placement.device
         partition_world = 1 if stage == 0 else placement.world_size
         self.partition_world = partition_world
@@ -66,9 +69,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.master = None
             if self.mixed:
                 self.master = torch.empty(L.shard_size, dtype=torch.float32, device=device)
-                for b, (_, _, chunk, shard_offset) in enumerate(L.buckets):
-                    lo, hi = L.chunk_range(b)
-                    self.master[shard_offset:shard_offset + chunk].copy_(flat32[lo:hi])
+                self._copy_own_chunks(flat32, self.master)
             del flat32
             for slot in L.slots:
                 slot.param.data = self.flat_params[slot.offset:slot.offset + slot.numel].view(slot.shape)
@@ -81,20 +82,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.reducer = GradReducer(L, stage, placement, model_dtype, comm_dtype, overlap_comm, reduce_scatter,
                                    self.flat_grads, self.shard_grads)
 
-        # Step decision state, on the device.
-        self.stats = torch.zeros(2, dtype=torch.float32, device=device)
-        self.step_state = torch.zeros(_C.STEP_STATE_SIZE, dtype=torch.float64, device=device)
-        self.step_out = torch.zeros(_C.STEP_OUTPUT_SIZE, dtype=torch.float32, device=device)
-        sc = dict(step_control)
-        static_scale = sc.pop("static_scale")
-        _C.step_control_init(self.step_state, static_scale=static_scale, stream=stream_of(self.step_state), **sc)
-
-        # Host mirror of the step state, refreshed by sync_host() (a copy even on
-        # the CPU: the step reads the state as it was before step_control).
-        self.host_state = self.step_state.detach().to("cpu", copy=True)
-        self.host_out = self.step_out.detach().to("cpu", copy=True)
-        self._copy_event = None
+        self.step_control = StepControl(step_control, device)
         self._build_run_views()
+
+    def _copy_own_chunks(self, flat: torch.Tensor, shard: torch.Tensor):
+        """This rank's chunk of every bucket of `flat`, into its place in `shard`."""
+        for b, bucket in enumerate(self.layout.buckets):
+            lo, hi = self.layout.chunk_range(b)
+            shard[bucket.shard_offset:bucket.shard_offset + bucket.chunk].copy_(flat[lo:hi])
 
     # --- views the kernels take ---------------------------------------------------------------
 
@@ -122,19 +117,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step at an accumulation boundary. Decides on the
-        device whether to apply it; the host learns the outcome in sync_host()."""
+        device whether to apply it; the host learns the outcome later
+        (self.step_control)."""
         if closure is not None:
             raise RuntimeError("zerofuse's optimizer is stepped by the engine (engine.step()); closures are not supported")
         self.reducer.wait()
-        stream = stream_of(self.stats)
-        _C.grad_stats(self.all_grad_views, self.stats, stream)
-        if self.partition_world > 1:
-            dist.all_reduce(self.stats, op=dist.ReduceOp.SUM, group=self.placement.group)
-        _C.step_control(self.stats, self.step_state, self.step_out, stream=stream, **self._control_kwargs())
+        control = self.step_control
+        control.decide(self.all_grad_views, self.placement.group if self.partition_world > 1 else None)
         # Adam's step count, multiplier and skip flag are read on the device, where
-        # step_control just wrote them: nothing here waits for the device.
-        multiplier, skip = self.step_out[OUT_MULTIPLIER:OUT_MULTIPLIER + 1], self.step_out[OUT_SKIP:OUT_SKIP + 1]
-        step_count = self.step_state[STATE_APPLIED:STATE_APPLIED + 1]
+        # the decision was just written: nothing here waits for the device.
+        stream = stream_of(control.stats)
         for group, views in zip(self.param_groups, self.group_views):
             if not views["params"]:
                 continue
@@ -144,71 +136,39 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 views["copies"] if self.mixed else None,
                 lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]), adam_w_mode=bool(group["adam_w_mode"]),
-                bias_correction=bool(group["bias_correction"]), step=1, step_tensor=step_count,
-                grad_multiplier=multiplier, skip_if_nonzero=skip, stream=stream)
+                bias_correction=bool(group["bias_correction"]), step=1, step_tensor=control.applied_count,
+                grad_multiplier=control.grad_multiplier, skip_if_nonzero=control.skip_flag, stream=stream)
         self._all_gather_params()
         if self.flat_grads is not None:
             self.flat_grads.zero_()  # the next accumulation window starts from zero
-        self._start_host_copy()
-
-    def _control_kwargs(self):
-        c = dict(self.step_control_config)
-        c.pop("static_scale")
-        return c
+        control.publish()
 
     def _all_gather_params(self):
         """Every rank updated its chunk of each bucket; gather the rest (in place)."""
         if self.partition_world == 1:
             return
         works = []
-        for b, (begin, end, _, _) in enumerate(self.layout.buckets):
+        for b, bucket in enumerate(self.layout.buckets):
             lo, hi = self.layout.chunk_range(b)
-            works.append(collectives.all_gather(self.flat_params[begin:end], self.flat_params[lo:hi],
-                                                     group=self.placement.group, async_op=True))
+            works.append(collectives.all_gather(self.flat_params[bucket.begin:bucket.end], self.flat_params[lo:hi],
+                                                group=self.placement.group, async_op=True))
         for w in works:
             w.wait()
 
-    # --- the host's view of the outcome --------------------------------------------------------
-
-    def _start_host_copy(self):
-        if self.step_state.is_cuda:
-            # Copied in the background; read at the next step (or when asked), by which
-            # time the device is normally long done: no stall on the hot path.
-            if not hasattr(self, "_pinned"):
-                self._pinned = (torch.empty_like(self.host_state).pin_memory(),
-                                torch.empty_like(self.host_out).pin_memory())
-            self._pinned[0].copy_(self.step_state, non_blocking=True)
-            self._pinned[1].copy_(self.step_out, non_blocking=True)
-            self._copy_event = torch.cuda.Event()
-            self._copy_event.record()
-        else:
-            self.host_state.copy_(self.step_state)
-            self.host_out.copy_(self.step_out)
-
-    def sync_host(self):
-        """Make host_state/host_out current (waits for the last step's copy)."""
-        if self._copy_event is not None:
-            self._copy_event.synchronize()
-            self.host_state.copy_(self._pinned[0])
-            self.host_out.copy_(self._pinned[1])
-            self._copy_event = None
-
-    # --- what the engine and checkpoints read --------------------------------------------------
+    # --- what the engine reads ----------------------------------------------------------------
 
     @property
     def applied_steps(self) -> int:
-        self.sync_host()
-        return int(self.host_state[STATE_APPLIED].item())
+        return self.step_control.applied_steps
 
     @property
     def skipped_steps(self) -> int:
-        self.sync_host()
-        return int(self.host_state[STATE_SKIPPED].item())
+        return self.step_control.skipped_steps
 
     @property
     def loss_scale_tensor(self) -> torch.Tensor:
         """The current loss scale, on the device (no host round trip)."""
-        return self.step_state[STATE_LOSS_SCALE:STATE_LOSS_SCALE + 1]
+        return self.step_control.loss_scale_tensor
 
     def memory_report(self) -> Dict[str, int]:
         """Bytes this rank holds for each part of the training state."""
@@ -216,7 +176,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.stage < 2:
             grads = self.flat_grads.numel() * el
         else:
-            bucket = max((e - b for b, e, _, _ in self.layout.buckets), default=0)
+            bucket = max((b.end - b.begin for b in self.layout.buckets), default=0)
             comm_el = torch.empty(0, dtype=self.reducer.comm_dtype).element_size()
             grads = self.shard_grads.numel() * el + self.reducer.peak_staging * bucket * comm_el
         return {
@@ -232,85 +192,87 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for slot in self.layout.slots:
             slot.param.grad = None
 
-    # --- checkpoints: this rank's state as pieces of parameters ---------------------------------
+    # --- Stateful: this rank's share, named by parameter ------------------------------------------
 
-    def shard_pieces(self):
-        """(slices, master, exp_avg, exp_avg_sq): slices is an int64 [k, 3] table
-        of (param index in layout order, first element, length); the tensors are
-        the matching pieces concatenated, fp32, on the CPU."""
-        slices, master, m, v = [], [], [], []
-        for param_index, param_begin, shard_offset, length in self.layout.plan.shard_slices(self.layout.rank):
-            slot = self.layout.slots[param_index]
-            shard = slice(shard_offset, shard_offset + length)
-            flat = slice(slot.offset + param_begin, slot.offset + param_begin + length)
-            slices.append((param_index, param_begin, length))
-            master.append(self.master[shard] if self.mixed else self.flat_params[flat])
-            m.append(self.exp_avg[shard])
-            v.append(self.exp_avg_sq[shard])
+    def named_trainable_parameters(self):
+        """[(name, parameter)] in this optimizer's order (the index a state_dict's slices use)."""
+        return [(slot.name, slot.param) for slot in self.layout.slots]
 
-        def cat(xs):
-            return torch.cat(xs).float().cpu() if xs else torch.zeros(0)
+    def owned_pieces(self) -> List[OwnedPiece]:
+        """The pieces of parameters this rank updates, in the order state_dict()
+        and load_state_dict() lay their values out."""
+        slots = self.layout.slots
+        return [OwnedPiece(slots[s.param_index].name, s.param_begin, s.length)
+                for s in self.layout.plan.shard_slices(self.layout.rank)]
 
-        table = torch.tensor(slices, dtype=torch.int64).reshape(-1, 3)
-        return table, cat(master), cat(m), cat(v)
+    def _piece_views(self):
+        """(fp32 master, exp_avg, exp_avg_sq, model-dtype param) views of each owned piece."""
+        slots = self.layout.slots
+        for s in self.layout.plan.shard_slices(self.layout.rank):
+            shard = slice(s.shard_offset, s.shard_offset + s.length)
+            flat_begin = slots[s.param_index].offset + s.param_begin
+            flat = self.flat_params[flat_begin:flat_begin + s.length]
+            yield (self.master[shard] if self.mixed else flat), self.exp_avg[shard], self.exp_avg_sq[shard], flat
+
+    def state_dict(self) -> dict:
+        """This rank's fp32 master values and Adam moments, the owned pieces
+        concatenated (on the CPU), with the table that names them; the param
+        groups' hyper-parameters; the step control's state."""
+        pieces = self.owned_pieces()
+        index_of = {name: i for i, (name, _) in enumerate(self.named_trainable_parameters())}
+        values = {k: [] for k in _MOMENTS}
+        for views in self._piece_views():
+            for k, v in zip(_MOMENTS, views):
+                values[k].append(v)
+        state = {k: (torch.cat(v).float().cpu() if v else torch.zeros(0)) for k, v in values.items()}
+        state["slices"] = torch.tensor([(index_of[p.name], p.first, p.length) for p in pieces],
+                                       dtype=torch.int64).reshape(-1, 3)
+        state["param_names"] = [name for name, _ in self.named_trainable_parameters()]
+        state["param_groups"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+                                 for g in self.param_groups]
+        state["step_control"] = self.step_control.state_dict()
+        return state
 
     @torch.no_grad()
-    def load_shard_pieces(self, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor):
-        """The inverse of shard_pieces() for this rank's own slice order; then
-        every rank's params are rebuilt from the masters."""
+    def load_state_dict(self, state: dict):
+        """The inverse of state_dict() for this rank's owned_pieces() (a
+        checkpoint of another world size is resharded into that order by the
+        checkpoint module); then every rank's params are rebuilt from the
+        masters. "param_groups" and "step_control" are optional."""
+        total = sum(p.length for p in self.owned_pieces())
+        for k in _MOMENTS:
+            if k not in state or state[k].numel() != total:
+                raise ValueError(f"ZeroOptimizer.load_state_dict: '{k}' must hold {total} values (this rank's pieces), "
+                                 f"got {tuple(state[k].shape) if k in state else 'none'}")
+        device = self.exp_avg.device
+        values = [state[k].to(device, torch.float32) for k in _MOMENTS]
         cursor = 0
-        for param_index, param_begin, shard_offset, length in self.layout.plan.shard_slices(self.layout.rank):
-            slot = self.layout.slots[param_index]
-            shard = slice(shard_offset, shard_offset + length)
-            flat = slice(slot.offset + param_begin, slot.offset + param_begin + length)
-            piece = slice(cursor, cursor + length)
+        for master, exp_avg, exp_avg_sq, param in self._piece_views():
+            piece = slice(cursor, cursor + master.numel())
+            master.copy_(values[0][piece])
+            exp_avg.copy_(values[1][piece])
+            exp_avg_sq.copy_(values[2][piece])
             if self.mixed:
-                self.master[shard].copy_(master[piece])
-            self.flat_params[flat].copy_(master[piece])
-            self.exp_avg[shard].copy_(exp_avg[piece])
-            self.exp_avg_sq[shard].copy_(exp_avg_sq[piece])
-            cursor += length
+                param.copy_(values[0][piece])
+            cursor += master.numel()
         self._all_gather_params()
+        saved_groups = state.get("param_groups")
+        if saved_groups is not None:
+            if len(saved_groups) != len(self.param_groups):
+                raise ValueError(f"ZeroOptimizer.load_state_dict: {len(saved_groups)} param groups saved, "
+                                 f"{len(self.param_groups)} here")
+            for group, saved in zip(self.param_groups, saved_groups):
+                group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()
+                              if k in HYPERPARAMETERS or k == "initial_lr"})
+        if state.get("step_control") is not None:
+            self.step_control.load_state_dict(state["step_control"])
 
     @torch.no_grad()
     def reset_from_params(self):
         """A fresh optimizer for the current params: master = the params'
         values, zero moments, a new step state (load_module_only)."""
         if self.mixed:
-            for b, (_, _, chunk, shard_offset) in enumerate(self.layout.buckets):
-                lo, hi = self.layout.chunk_range(b)
-                self.master[shard_offset:shard_offset + chunk].copy_(self.flat_params[lo:hi])
+            self._copy_own_chunks(self.flat_params, self.master)
         self.exp_avg.zero_()
         self.exp_avg_sq.zero_()
-        sc = dict(self.step_control_config)
-        static_scale = sc.pop("static_scale")
-        self.sync_host()
-        _C.step_control_init(self.step_state, static_scale=static_scale, stream=stream_of(self.step_state), **sc)
-        self.host_state.copy_(self.step_state)
-
-    def step_state_dict(self) -> dict:
-        self.sync_host()
-        s = self.host_state
-        return {
-            "cur_scale": float(s[STATE_LOSS_SCALE]),
-            "cur_iter": int(s[STATE_CUR_ITER]),
-            "last_overflow_iter": int(s[STATE_LAST_OVERFLOW]),
-            "cur_hysteresis": int(s[STATE_HYSTERESIS]),
-            "applied_steps": int(s[STATE_APPLIED]),
-            "skipped_steps": int(s[STATE_SKIPPED]),
-        }
-
-    @torch.no_grad()
-    def load_step_state_dict(self, state: dict):
-        values = torch.zeros(_C.STEP_STATE_SIZE, dtype=torch.float64)
-        values[STATE_LOSS_SCALE] = float(state["cur_scale"])
-        values[STATE_CUR_ITER] = int(state["cur_iter"])
-        values[STATE_LAST_OVERFLOW] = int(state["last_overflow_iter"])
-        values[STATE_HYSTERESIS] = int(state["cur_hysteresis"])
-        values[STATE_APPLIED] = int(state["applied_steps"])
-        values[STATE_SKIPPED] = int(state["skipped_steps"])
-        if not (math.isfinite(values[STATE_LOSS_SCALE]) and values[STATE_LOSS_SCALE] > 0):
-            raise ValueError(f"checkpoint: loss scale {state['cur_scale']} is not a positive number")
-        self.sync_host()
-        self.step_state.copy_(values)
-        self.host_state.copy_(values)
+        self.step_control.reset()

@@ -28,7 +28,7 @@
 #include <cstdint>
 
 #include "common.cuh"
-#include "cuda_kernels.h"
+#include "common/cuda_kernels.h"
 #include "mma.cuh"
 
 namespace zerofuse::cuda {
@@ -38,19 +38,12 @@ using namespace mma;
 
 constexpr int kWarps = 4;
 constexpr int kRowsPerBlock = 64;  // keys (keys kernel) or queries (queries kernel) a block owns: 16 per warp
-constexpr float kLog2e = 1.4426950408889634f;
 
 // The streamed tile: 64 rows at head_dim 64; at 128 a tile of 32 keeps the
 // float32 accumulators (two D-wide ones in the keys kernel) in registers.
 template <int D>
 constexpr int kStreamRows = D == 128 ? 32 : 64;
 
-struct Problem {
-  int heads, seq_q, seq_k;
-  float scale;       // the softmax scale, for dQ and dK
-  float scale_log2;  // scale * log2(e): probabilities are recomputed with exp2
-  bool causal;
-};
 
 template <typename T, int D>
 constexpr std::size_t keys_kernel_shared_bytes() {
@@ -80,9 +73,9 @@ __device__ __forceinline__ void store_rows(T* base, std::int64_t row_stride, con
 }
 
 template <typename T, int D>
-__global__ void attention_backward_keys_mma(const T* q, Rows qr, const T* k, Rows kr, const T* v, Rows vr,
-                                            const T* dout, Rows gr, const float* lse, const float* di,
-                                            const bool* mask, T* dk, Rows dkr, T* dv, Rows dvr, Problem p) {
+__global__ void attention_backward_keys_mma(const T* q, Head qr, const T* k, Head kr, const T* v, Head vr,
+                                            const T* dout, Head gr, const float* lse, const float* di,
+                                            const bool* mask, T* dk, Head dkr, T* dv, Head dvr, Problem p) {
   constexpr int kQ = kStreamRows<D>;
   constexpr int kStride = D + 8;  // padded rows: see attention_mma.cu
   extern __shared__ uint4 shared_words[];
@@ -160,9 +153,9 @@ __global__ void attention_backward_keys_mma(const T* q, Rows qr, const T* k, Row
 }
 
 template <typename T, int D>
-__global__ void attention_backward_queries_mma(const T* q, Rows qr, const T* k, Rows kr, const T* v, Rows vr,
-                                               const T* dout, Rows gr, const float* lse, const float* di,
-                                               const bool* mask, T* dq, Rows dqr, Problem p) {
+__global__ void attention_backward_queries_mma(const T* q, Head qr, const T* k, Head kr, const T* v, Head vr,
+                                               const T* dout, Head gr, const float* lse, const float* di,
+                                               const bool* mask, T* dq, Head dqr, Problem p) {
   constexpr int kN = kStreamRows<D>;
   constexpr int kStride = D + 8;
   extern __shared__ uint4 shared_words[];
@@ -249,8 +242,7 @@ bool attention_backward_tensor_cores(const TensorView& dout, const TensorView& q
   if (heads_total >= std::int64_t(1) << 31 || q.shape[2] > max_rows || k.shape[2] > max_rows) return false;
   if (heads_total == 0) return true;
 
-  const Problem p{int(q.shape[1]), int(q.shape[2]), int(k.shape[2]), config.scale, config.scale * kLog2e,
-                  config.causal};
+  const Problem p = problem_of(q, k, config);
   const bool* m = mask ? mask->data_as<const bool>() : nullptr;
   const cudaStream_t stream = stream_of(st);
   dispatch_tensor_core_types(q.dtype, int(q.shape[3]), [&](auto tag, auto dim_tag) {
@@ -261,9 +253,9 @@ bool attention_backward_tensor_cores(const TensorView& dout, const TensorView& q
       allow_dynamic_shared(attention_backward_keys_mma<T, kDim>, bytes);
       const dim3 grid(unsigned(heads_total), unsigned((p.seq_k + kRowsPerBlock - 1) / kRowsPerBlock));
       attention_backward_keys_mma<T, kDim><<<grid, kWarps * 32, bytes, stream>>>(
-          q.data_as<const T>(), rows_of(q), k.data_as<const T>(), rows_of(k), v.data_as<const T>(), rows_of(v),
-          dout.data_as<const T>(), rows_of(dout), lse.data_as<const float>(), di, m, dk.data_as<T>(), rows_of(dk),
-          dv.data_as<T>(), rows_of(dv), p);
+          q.data_as<const T>(), head_of(q), k.data_as<const T>(), head_of(k), v.data_as<const T>(), head_of(v),
+          dout.data_as<const T>(), head_of(dout), lse.data_as<const float>(), di, m, dk.data_as<T>(), head_of(dk),
+          dv.data_as<T>(), head_of(dv), p);
       ZF_CUDA_CHECK_LAUNCH("attention_backward_keys_mma");
     }
     if (p.seq_q > 0) {
@@ -271,8 +263,8 @@ bool attention_backward_tensor_cores(const TensorView& dout, const TensorView& q
       allow_dynamic_shared(attention_backward_queries_mma<T, kDim>, bytes);
       const dim3 grid(unsigned(heads_total), unsigned((p.seq_q + kRowsPerBlock - 1) / kRowsPerBlock));
       attention_backward_queries_mma<T, kDim><<<grid, kWarps * 32, bytes, stream>>>(
-          q.data_as<const T>(), rows_of(q), k.data_as<const T>(), rows_of(k), v.data_as<const T>(), rows_of(v),
-          dout.data_as<const T>(), rows_of(dout), lse.data_as<const float>(), di, m, dq.data_as<T>(), rows_of(dq),
+          q.data_as<const T>(), head_of(q), k.data_as<const T>(), head_of(k), v.data_as<const T>(), head_of(v),
+          dout.data_as<const T>(), head_of(dout), lse.data_as<const float>(), di, m, dq.data_as<T>(), head_of(dq),
           p);
       ZF_CUDA_CHECK_LAUNCH("attention_backward_queries_mma");
     }

@@ -19,7 +19,7 @@
 #include <cstdint>
 
 #include "common.cuh"
-#include "cuda_kernels.h"
+#include "common/cuda_kernels.h"
 #include "mma.cuh"
 
 namespace zerofuse::cuda {
@@ -28,22 +28,15 @@ namespace {
 constexpr int kBlockM = 64;  // query rows per block (16 per warp)
 constexpr int kBlockN = 64;  // keys per shared-memory tile
 constexpr int kWarps = 4;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 using namespace mma;
 
-struct Problem {
-  int heads, seq_q, seq_k;
-  float scale_log2;  // softmax scale times log2(e): the kernel works in powers of 2
-  bool causal;
-};
 
 // No __launch_bounds__: with it ptxas held sm_80 to 168 registers and spilled
 // 48 bytes at head_dim 128.
 template <typename T, int D>
-__global__ void attention_forward_mma(const T* q, Rows qr, const T* k, Rows kr, const T* v, Rows vr,
-                                      const bool* mask, T* out, Rows orows, float* lse, Problem p) {
+__global__ void attention_forward_mma(const T* q, Head qr, const T* k, Head kr, const T* v, Head vr,
+                                      const bool* mask, T* out, Head orows, float* lse, Problem p) {
   // Rows padded by 8 elements (16 bytes): the 8 rows a quad-column reads start
   // in different banks, and ldmatrix's row addresses stay 16-byte aligned.
   constexpr int kStride = D + 8;
@@ -166,15 +159,15 @@ bool attention_forward_tensor_cores(const TensorView& q, const TensorView& k, co
                                     const TensorView& lse, Stream st) {
   if (!tensor_cores_take(q.dtype, int(q.shape[3]), {&q, &k, &v, &out})) return false;
   if (q.shape[0] * q.shape[1] >= std::int64_t(1) << 31 || q.shape[2] > std::int64_t(65535) * kBlockM) return false;
-  const Problem p{int(q.shape[1]), int(q.shape[2]), int(k.shape[2]), config.scale * kLog2e, config.causal};
+  const Problem p = problem_of(q, k, config);
   const dim3 grid(unsigned(q.shape[0] * q.shape[1]), unsigned((p.seq_q + kBlockM - 1) / kBlockM));
   const bool* m = mask ? mask->data_as<const bool>() : nullptr;
   dispatch_tensor_core_types(q.dtype, int(q.shape[3]), [&](auto tag, auto dim_tag) {
     using T = decltype(tag);
     constexpr int kDim = decltype(dim_tag)::value;
     attention_forward_mma<T, kDim><<<grid, kWarps * 32, 0, stream_of(st)>>>(
-        q.data_as<const T>(), rows_of(q), k.data_as<const T>(), rows_of(k), v.data_as<const T>(), rows_of(v), m,
-        out.data_as<T>(), rows_of(out), lse.data_as<float>(), p);
+        q.data_as<const T>(), head_of(q), k.data_as<const T>(), head_of(k), v.data_as<const T>(), head_of(v), m,
+        out.data_as<T>(), head_of(out), lse.data_as<float>(), p);
     ZF_CUDA_CHECK_LAUNCH("attention_forward_mma");
   });
   return true;

@@ -6,13 +6,8 @@
 
 #include <cstdint>
 
+#include "common/host_device.h"
 #include "zerofuse/tensor.h"
-
-#if defined(__CUDACC__)
-#define ZF_ROWS_HOST_DEVICE __host__ __device__
-#else
-#define ZF_ROWS_HOST_DEVICE
-#endif
 
 namespace zerofuse::detail {
 
@@ -22,14 +17,14 @@ struct SoftmaxRows {
   std::int64_t d0 = 1, d1 = 1, d2 = 1;  // d2 is the query length of causal masking
   std::int64_t mask_stride[4] = {0, 0, 0, 0};  // for (a, b, c, j); 0 along broadcast dimensions
 
-  ZF_ROWS_HOST_DEVICE std::int64_t query_of(std::int64_t r) const { return r % d2; }
+  ZF_HOST_DEVICE std::int64_t query_of(std::int64_t r) const { return r % d2; }
 
-  ZF_ROWS_HOST_DEVICE std::int64_t mask_row_offset(std::int64_t r) const {
+  ZF_HOST_DEVICE std::int64_t mask_row_offset(std::int64_t r) const {
     const std::int64_t c = r % d2, ab = r / d2;
     return mask_offset(ab / d1, ab % d1, c);
   }
 
-  ZF_ROWS_HOST_DEVICE std::int64_t mask_offset(std::int64_t a, std::int64_t b, std::int64_t c) const {
+  ZF_HOST_DEVICE std::int64_t mask_offset(std::int64_t a, std::int64_t b, std::int64_t c) const {
     return a * mask_stride[0] + b * mask_stride[1] + c * mask_stride[2];
   }
 };

@@ -7,14 +7,9 @@
 
 #include <cstdint>
 
+#include "common/host_device.h"
 #include "zerofuse/loss_scaler.h"
 #include "zerofuse/step_control.h"
-
-#if defined(__CUDACC__)
-#define ZF_HOST_DEVICE __host__ __device__
-#else
-#define ZF_HOST_DEVICE
-#endif
 
 namespace zerofuse::detail {
 

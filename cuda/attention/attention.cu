@@ -18,8 +18,8 @@
 // row-dot pass here).
 #include <cmath>
 
-#include "common.cuh"
-#include "cuda_kernels.h"
+#include "attention_common.cuh"
+#include "common/cuda_kernels.h"
 
 namespace zerofuse::cuda {
 namespace {
@@ -29,12 +29,6 @@ constexpr int kRowsPerWarp = 4;      // forward: query rows per warp
 constexpr int kWarps = 4;            // forward: warps per block
 constexpr int kMaxDim = 256;
 constexpr int kDimPerLane = kMaxDim / 32;
-
-struct Head {  // a [B, H, S, D] view: element (b, h, s, c) at base + b*sb + h*sh + s*ss + c
-  std::int64_t sb, sh, ss;
-};
-
-Head head_of(const TensorView& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
 
 struct Shape {
   int batch, heads, seq_q, seq_k, dim;

@@ -19,7 +19,8 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "common.cuh"
+#include "attention_common.cuh"
+#include "zerofuse/attention.h"
 
 namespace zerofuse::cuda::mma {
 
@@ -152,11 +153,17 @@ __device__ __forceinline__ void stage_rows(T* dst, int stride, const T* src, std
   }
 }
 
-struct Rows {  // a [B, H, S, D] view: element (b, h, s, c) at base + b*sb + h*sh + s*ss + c
-  std::int64_t sb, sh, ss;
+// The tensor-core kernels' problem: sizes, the softmax scale and the same
+// scale times log2(e) (probabilities are computed with exp2).
+struct Problem {
+  int heads, seq_q, seq_k;
+  float scale, scale_log2;
+  bool causal;
 };
 
-inline Rows rows_of(const TensorView& t) { return {t.strides[0], t.strides[1], t.strides[2]}; }
+inline Problem problem_of(const TensorView& q, const TensorView& k, const AttentionConfig& config) {
+  return {int(q.shape[1]), int(q.shape[2]), int(k.shape[2]), config.scale, config.scale * kLog2e, config.causal};
+}
 
 // Rows start on 16-byte boundaries (base and every stride but the last), so
 // the uint4 tile loads and the 32-bit fragment loads are aligned.
