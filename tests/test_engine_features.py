@@ -30,7 +30,7 @@ def base_config(**overrides):
 
 
 def train(engine, steps, rows_per_micro, rank=0, world=1, start=0):
-    gas = engine.gradient_accumulation_steps
+    gas = engine.gradient_accumulation_steps()
     losses = []
     for step in range(start, start + steps):
         tokens, targets = batch(step, rows_per_micro * gas * world)
@@ -74,9 +74,9 @@ def _overflow(rank, world, stage):
     engine = make_engine(config)
     train(engine, 2, 2, rank, world)
     before_master = gather_master(engine)
-    before_state = [t.clone() for t in (engine.optimizer.exp_avg, engine.optimizer.exp_avg_sq)]
+    before_state = [t.clone() for t in engine.optimizer.rule.state_tensors().values()]
     before_params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    scale, steps = engine.loss_scale, engine.global_steps
+    scale, steps = engine.loss_scale(), engine.applied_steps
     # Rank 1 (only) gets an inf in one gradient.
     target = engine.module.blocks[0].fc.weight
     handle = target.register_hook(lambda g: g * float("inf")) if rank == 1 else None
@@ -84,18 +84,19 @@ def _overflow(rank, world, stage):
     if handle:
         handle.remove()
     result = {
-        "skipped": engine.was_step_skipped(), "scale_before": scale, "scale_after": engine.loss_scale,
-        "steps_before": steps, "steps_after": engine.global_steps, "skipped_steps": engine.skipped_steps,
+        "skipped": engine.was_step_skipped(), "scale_before": scale, "scale_after": engine.loss_scale(),
+        "steps_before": steps, "steps_after": engine.applied_steps, "skipped_steps": engine.skipped_steps,
+        "global_steps": engine.global_steps,
         "master_same": all(torch.equal(a, b) for a, b in zip(before_master.values(), gather_master(engine).values())),
-        "state_same": all(torch.equal(a, b) for a, b in zip(before_state, (engine.optimizer.exp_avg,
-                                                                            engine.optimizer.exp_avg_sq))),
+        "state_same": all(torch.equal(a, b) for a, b in zip(before_state,
+                                                            engine.optimizer.rule.state_tensors().values())),
         "params_same": all(torch.equal(p.detach(), before_params[n]) for n, p in engine.module.named_parameters()),
     }
     flags = [None] * world
     dist.all_gather_object(flags, result)
     train(engine, 1, 2, rank, world, start=3)  # and training goes on
     result["every_rank"] = flags
-    result["steps_final"] = engine.global_steps
+    result["steps_final"] = engine.applied_steps
     return result
 
 
@@ -106,6 +107,7 @@ def test_fp16_inf_on_one_rank_skips_the_step_everywhere(stage):
         assert flags["skipped"] and flags["master_same"] and flags["state_same"] and flags["params_same"]
         assert flags["scale_after"] == flags["scale_before"] / 2
         assert flags["steps_after"] == flags["steps_before"] == 2 and flags["skipped_steps"] == 1
+        assert flags["global_steps"] == 3  # DeepSpeed's meaning: every boundary, the skipped one too
     assert r["steps_final"] == 3
 
 
@@ -213,14 +215,14 @@ def test_torchrun_two_processes(tmp_path):
         rank = torch.distributed.get_rank()
         for step in range(3):
             tokens, targets = batch(step, 8)
-            for micro in range(engine.gradient_accumulation_steps):
+            for micro in range(engine.gradient_accumulation_steps()):
                 first = (micro * 2 + rank) * 2
                 loss = engine(tokens[first:first + 2], targets[first:first + 2])
                 engine.backward(loss)
                 engine.step()
         # Each rank reports in its own file: two processes' stdout may interleave.
         with open({str(tmp_path)!r} + f"/rank{{rank}}.txt", "w") as f:
-            f.write(f"steps {{engine.global_steps}} gas {{engine.gradient_accumulation_steps}}")
+            f.write(f"steps {{engine.global_steps}} gas {{engine.gradient_accumulation_steps()}}")
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1", ZEROFUSE_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

@@ -170,10 +170,10 @@ def run(args) -> int:
     if args.resume:
         with quiet:
             engine.load_checkpoint(ckpt_dir)
-        start = engine.micro_steps // engine.gradient_accumulation_steps
+        start = engine.global_steps
     steps = s["steps"]
     if main:
-        config_record = {"engine": engine.config.to_dict(), "model": asdict(model_config), "data": description,
+        config_record = {"engine": engine._config.to_dict(), "model": asdict(model_config), "data": description,
                          "world_size": world, "device": str(device), "settings": s, "seed": args.seed}
         tmp = os.path.join(run_dir, "config.json.tmp")
         with open(tmp, "w") as f:
@@ -190,7 +190,8 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=start, disable=not main, dynamic_ncols=True, unit="step", file=sys.stdout)
-    gbs, mbs, gas = engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps
+    gbs, mbs = engine.train_batch_size(), engine.train_micro_batch_size_per_gpu()
+    gas = engine.gradient_accumulation_steps()
     context = s["context"]
     tokens_per_step = gbs * context
     flops_per_token, peak = model_config.flops_per_token(context), _peak_flops(device)

@@ -1,4 +1,7 @@
-"""Optimizers backed by zerofuse's fused kernels."""
+"""Optimizers: FusedAdam on zerofuse's fused kernel; Lamb (DeepSpeed's
+FusedLamb arithmetic) and Lion for the engine's config types."""
 from .fused_adam import FusedAdam
+from .lamb import Lamb
+from .lion import Lion
 
-__all__ = ["FusedAdam"]
+__all__ = ["FusedAdam", "Lamb", "Lion"]

@@ -1,5 +1,6 @@
 """The training engine: zerofuse.initialize and what it builds."""
 from .config import ConfigError, parse_config
-from .engine import Engine, initialize
+from .engine import Engine
+from .initialize import initialize
 
 __all__ = ["ConfigError", "Engine", "initialize", "parse_config"]

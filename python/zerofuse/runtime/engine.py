@@ -1,13 +1,20 @@
-"""zerofuse.initialize and the Engine: DeepSpeed's training loop API on
-zerofuse's flat, partitioned buffers and fused kernels.
+"""The Engine: DeepSpeed's training-loop API (deepspeed.runtime.engine.
+DeepSpeedEngine) on zerofuse's flat, partitioned buffers and fused kernels.
 
     engine, optimizer, dataloader, lr_scheduler = zerofuse.initialize(model=model, config="ds_config.json")
     for batch in dataloader:
         loss = engine(batch)
         engine.backward(loss)
         engine.step()
+
+Like DeepSpeed's, the engine is a torch.nn.Module wrapping the model as
+`engine.module` (so `engine.state_dict()` keys start with "module."; the
+model's own are `engine.module_state_dict()`), and attributes it does not have
+are looked up on the model.
 """
+import contextlib
 import json
+import os
 import sys
 import time
 from typing import Optional
@@ -16,79 +23,18 @@ import torch
 
 from .. import ops  # noqa: F401  (registers zerofuse's torch ops before models use them)
 from . import distributed
-from .config import Config, ConfigError, parse_config
+from .config import ConfigError, parse_config
+from .dataloader import DeepSpeedDataLoader
+from .engine_queries import EngineQueries
 from .monitor import Monitor
+from .optimizer_setup import choose_optimizer
 from .progress import TrainingProgress
 from .schedulers import build_scheduler
 from .step_control import StepControlSettings
-from .zero_optimizer import HYPERPARAMETERS, ZeroOptimizer
+from .timers import ThroughputTimer
+from .zero_optimizer import ZeroOptimizer
 
 _LOW_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def initialize(model=None, config=None, model_parameters=None, optimizer=None, lr_scheduler=None,
-               training_data=None, process_group=None, collate_fn=None, args=None, config_params=None):
-    """DeepSpeed's initialize: returns (engine, optimizer, dataloader, lr_scheduler).
-
-    model: a torch.nn.Module. config: a dict or the path of a JSON file
-    (DeepSpeed's keys). model_parameters: the parameters (or param groups) to
-    train; default model.parameters(). optimizer: instead of the config's
-    "optimizer", a torch.optim.Adam/AdamW or zerofuse FusedAdam over the model's
-    parameters (its param groups and hyper-parameters are used), or a callable
-    taking param groups. lr_scheduler: instead of the config's "scheduler", a
-    callable taking the optimizer (or a scheduler built on the optimizer given).
-    training_data: a torch Dataset, for which a DataLoader is made (sharded
-    across ranks). process_group: the data-parallel group, when the script runs
-    data parallel inside a larger layout.
-    """
-    if model is None or not isinstance(model, torch.nn.Module):
-        raise TypeError(f"zerofuse.initialize: 'model' must be a torch.nn.Module, got {type(model).__name__}")
-    if config is None:
-        config = config_params
-    if config is None and args is not None and getattr(args, "deepspeed_config", None):
-        config = args.deepspeed_config
-    if config is None:
-        raise ConfigError("zerofuse.initialize: 'config' is required (a dict or the path of a JSON file)")
-    engine = Engine(model, config, model_parameters, optimizer, lr_scheduler, training_data, process_group,
-                    collate_fn)
-    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
-
-
-def _param_groups(model, model_parameters, optimizer, config: Config):
-    """The param groups to train, each with every Adam hyper-parameter set."""
-    if optimizer is not None and config.optimizer is not None:
-        raise ConfigError("zerofuse.initialize: give the optimizer either in the config or as 'optimizer', not both")
-    if isinstance(optimizer, torch.optim.Optimizer):
-        from ..optim import FusedAdam
-        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, FusedAdam)):
-            raise TypeError(f"zerofuse.initialize: 'optimizer' must be torch.optim.Adam/AdamW or zerofuse FusedAdam "
-                            f"(zerofuse runs Adam on its partitioned buffers), got {type(optimizer).__name__}")
-        for group in optimizer.param_groups:
-            if group.get("amsgrad") or group.get("maximize"):
-                raise ValueError("zerofuse.initialize: amsgrad and maximize are not supported")
-            if "adam_w_mode" not in group:
-                group["adam_w_mode"] = isinstance(optimizer, torch.optim.AdamW) or bool(
-                    group.get("decoupled_weight_decay", False))
-            group.setdefault("bias_correction", True)
-        return optimizer.param_groups, optimizer  # shared: schedulers built on it keep working
-    oc = config.optimizer
-    defaults = dict(lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay,
-                    adam_w_mode=oc.adam_w_mode, bias_correction=oc.bias_correction) if oc else dict(
-        lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adam_w_mode=True, bias_correction=True)
-    params = list(model.parameters() if model_parameters is None else model_parameters)
-    if params and isinstance(params[0], dict):
-        groups = [dict(defaults, **g) for g in params]
-    else:
-        groups = [dict(defaults, params=params)]
-    for g in groups:
-        g["params"] = [p for p in g["params"] if p.requires_grad]
-        unknown = set(g) - set(HYPERPARAMETERS) - {"params", "name", "initial_lr"}
-        if unknown:
-            raise ConfigError(f"zerofuse.initialize: param group keys {sorted(unknown)} are not Adam hyper-parameters")
-    if callable(optimizer):  # DeepSpeed allows a callable that builds the optimizer from param groups
-        built = optimizer(groups)
-        return _param_groups(model, None, built, config)
-    return groups, None
 
 
 def _cast_inputs(obj, dtype, device):
@@ -104,70 +50,151 @@ def _cast_inputs(obj, dtype, device):
     return obj
 
 
-class Engine:
+def _set_buffer(module, dotted_name, value):
+    *path, leaf = dotted_name.split(".")
+    owner = module
+    for part in path:
+        owner = getattr(owner, part)
+    owner._buffers[leaf] = value
+
+
+def _loss_of(output):
+    """The loss a model's output carries: the tensor itself, or a Hugging Face
+    output's .loss / ["loss"]."""
+    if isinstance(output, torch.Tensor):
+        return output
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if loss is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        loss = output[0]
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"engine.train_batch: the model's output ({type(output).__name__}) holds no loss tensor")
+    return loss
+
+
+class Engine(EngineQueries, torch.nn.Module):
     def __init__(self, model, config, model_parameters=None, optimizer=None, lr_scheduler=None,
-                 training_data=None, process_group=None, collate_fn=None):
+                 training_data=None, process_group=None, collate_fn=None, mpu=None):
+        super().__init__()
+        if mpu is not None and process_group is None:
+            process_group = mpu.get_data_parallel_group()
         self.placement = distributed.setup(process_group)
-        self.config: Config = parse_config(config, self.placement.world_size)
-        c = self.config
-        self.device = self.placement.device
+        self.mpu = mpu
+        self.config = config  # as given (DeepSpeed keeps it so); the parsed form is self._config
+        self._config = parse_config(config, self.placement.world_size,
+                                    cpu_engine=self.placement.device.type == "cpu")
+        c = self._config
         self.model_dtype = torch.float16 if c.fp16.enabled else torch.bfloat16 if c.bf16_enabled else torch.float32
         comm = _LOW_PRECISION[c.communication_data_type] if c.communication_data_type else self.model_dtype
 
-        groups, user_optimizer = _param_groups(model, model_parameters, optimizer, c)
-        trainable = {id(p) for g in groups for p in g["params"] if p.requires_grad}
+        setup = choose_optimizer(model, model_parameters, optimizer, c)
+        self.client_optimizer = setup.client
+        trainable = {id(p) for g in setup.groups for p in g["params"] if p.requires_grad}
         named = [(n, p) for n, p in model.named_parameters() if id(p) in trainable]
         if len(named) != len(trainable):
             raise ValueError("zerofuse.initialize: every parameter to train must belong to 'model'")
-        # Frozen parameters and buffers take the model dtype like the rest (as DeepSpeed).
-        with torch.no_grad():
-            for p in model.parameters():
-                if id(p) not in trainable:
-                    p.data = p.data.to(self.device, self.model_dtype if p.is_floating_point() else p.dtype)
-            for name, buf in list(model.named_buffers()):
-                dtype = self.model_dtype if buf.is_floating_point() else buf.dtype
-                _set_buffer(model, name, buf.to(self.device, dtype))
-            for _, p in named:  # trainable: the optimizer reads their fp32 values, then makes them views
-                p.data = p.data.to(self.device)
+        self._move_model(model, trainable, named)
         self.module = model
 
         bucket = min(c.zero.reduce_bucket_size, c.zero.allgather_bucket_size)
-        self.optimizer = ZeroOptimizer(groups, named, self.placement, stage=c.zero.stage, model_dtype=self.model_dtype,
-                                       comm_dtype=comm, bucket_elements=bucket, overlap_comm=c.zero.overlap_comm,
-                                       reduce_scatter=c.zero.reduce_scatter,
-                                       step_control=StepControlSettings.from_config(c))
-        if user_optimizer is not None:
-            self.optimizer.param_groups = user_optimizer.param_groups
+        world = self.placement.world_size
+        divide_before = world if c.prescale_gradients else (
+            c.gradient_predivide_factor if c.gradient_predivide_factor != 1.0 else None)
+        control = StepControlSettings.from_config(c)
+        if c.torch_autocast.enabled and c.torch_autocast.dtype == "float16" and not control.dynamic_loss_scale:
+            # float16 autocast: gradients scaled as DeepSpeed does with a GradScaler.
+            control = StepControlSettings(dynamic_loss_scale=True, max_grad_norm=c.gradient_clipping)
+        self.optimizer = ZeroOptimizer(setup.groups, named, self.placement, stage=c.zero.stage,
+                                       model_dtype=self.model_dtype, comm_dtype=comm, bucket_elements=bucket,
+                                       overlap_comm=c.zero.overlap_comm, reduce_scatter=c.zero.reduce_scatter,
+                                       step_control=control, update_rule=setup.rule, divide_before=divide_before)
+        if setup.client is not None:
+            self.optimizer.param_groups = setup.client.param_groups  # schedulers built on the client's keep working
 
-        if lr_scheduler is not None and c.scheduler is not None:
-            raise ConfigError("zerofuse.initialize: give the scheduler either in the config or as 'lr_scheduler', "
-                              "not both")
-        if c.scheduler is not None:
-            self.lr_scheduler = build_scheduler(c.scheduler, self.optimizer)
-        elif callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
-            self.lr_scheduler = lr_scheduler(self.optimizer)
+        # DeepSpeed's order: a scheduler passed to initialize() wins over the config's.
+        self._notes = list(setup.notes)
+        if lr_scheduler is not None:
+            if c.scheduler is not None:
+                self._notes.append("the lr_scheduler passed to initialize() is used; the config's 'scheduler' "
+                                   "section is not (as in DeepSpeed)")
+            is_scheduler = hasattr(lr_scheduler, "step") and hasattr(lr_scheduler, "state_dict")
+            self.lr_scheduler = lr_scheduler if is_scheduler else lr_scheduler(self.optimizer)
         else:
-            self.lr_scheduler = lr_scheduler
+            self.lr_scheduler = build_scheduler(c.scheduler, self.optimizer) if c.scheduler else None
 
-        self.training_dataloader = self._dataloader(training_data, collate_fn) if training_data is not None else None
         self.progress = TrainingProgress()
+        self.tput_timer = ThroughputTimer(c.train_batch_size)
+        self.training_dataloader = self.deepspeed_io(training_data, collate_fn=collate_fn) \
+            if training_data is not None else None
         self._lr_kwargs = None  # what the last engine.step() passed on to the schedule
         self._last_loss = None
+        self._boundary_override = None  # set_gradient_accumulation_boundary()
+        self._inside_no_sync = False
         self._step_start = time.perf_counter()
         self.monitor = Monitor(c, self.placement.is_main)
         if self.placement.is_main:
             self._print_config()
 
-    # --- DeepSpeed's properties -----------------------------------------------------------------
+    def _move_model(self, model, trainable, named):
+        """Frozen parameters and buffers take the model dtype like the rest (as
+        DeepSpeed); trainable ones are read by the optimizer in fp32 first."""
+        device = self.placement.device
+        with torch.no_grad():
+            for p in model.parameters():
+                if id(p) not in trainable:
+                    p.data = p.data.to(device, self.model_dtype if p.is_floating_point() else p.dtype)
+            for name, buf in list(model.named_buffers()):
+                dtype = self.model_dtype if buf.is_floating_point() else buf.dtype
+                _set_buffer(model, name, buf.to(device, dtype))
+            for _, p in named:
+                p.data = p.data.to(device)
+
+    def __getattr__(self, name):
+        """Attributes the engine does not have come from the model (as DeepSpeed's)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self._modules.get("module")
+            if module is not None and name != "module":
+                try:
+                    return getattr(module, name)
+                except AttributeError:
+                    pass
+            raise AttributeError(f"'{type(self).__name__}' object and its model have no attribute '{name}'") from None
+
+    # --- where it runs ----------------------------------------------------------------------------
 
     @property
-    def micro_steps(self) -> int:
-        """engine.step() calls so far (after a resume: counted from the checkpoint's steps)."""
-        return self.progress.micro_steps(self.config.gradient_accumulation_steps)
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+    @property
+    def global_rank(self) -> int:
+        return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.placement.world_size
+
+    @property
+    def dp_world_size(self) -> int:
+        return self.placement.world_size
+
+    # --- counters (DeepSpeed's meanings) ---------------------------------------------------------
 
     @property
     def global_steps(self) -> int:
-        """Optimizer steps applied (a skipped step does not count)."""
+        """Optimizer steps taken: every accumulation boundary, skipped or not (DeepSpeed's meaning)."""
+        return self.progress.optimizer_steps
+
+    @property
+    def applied_steps(self) -> int:
+        """Optimizer steps applied (a step skipped for inf/NaN gradients does not count)."""
         return self.optimizer.applied_steps
 
     @property
@@ -176,24 +203,18 @@ class Engine:
 
     @property
     def global_samples(self) -> int:
-        return (self.global_steps + self.skipped_steps) * self.config.train_batch_size
+        return self.progress.optimizer_steps * self._config.train_batch_size
 
     @property
-    def loss_scale(self) -> float:
-        return self.optimizer.step_control.loss_scale
+    def micro_steps(self) -> int:
+        """engine.step() calls so far (after a resume: counted from the checkpoint's steps)."""
+        return self.progress.micro_steps(self._config.gradient_accumulation_steps)
 
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        return self.config.gradient_accumulation_steps
-
-    def train_batch_size(self) -> int:
-        return self.config.train_batch_size
-
-    def train_micro_batch_size_per_gpu(self) -> int:
-        return self.config.train_micro_batch_size_per_gpu
+    def was_step_applied(self) -> bool:
+        """Whether the last optimizer step was applied (not skipped for inf/NaN gradients)."""
+        return not self.optimizer.step_control.last_step_skipped
 
     def was_step_skipped(self) -> bool:
-        """Whether the last optimizer step was skipped (inf/NaN gradients)."""
         return self.optimizer.step_control.last_step_skipped
 
     def get_global_grad_norm(self) -> Optional[float]:
@@ -207,52 +228,88 @@ class Engine:
         self._step_scheduler_for_applied_steps(self._lr_kwargs)
         return [g["lr"] for g in self.optimizer.param_groups]
 
+    def get_mom(self):
+        """Each group's momentum: betas for Adam-like optimizers, else 'momentum'."""
+        return [g["betas"] if "betas" in g else g.get("momentum") for g in self.optimizer.param_groups]
+
+    def get_type(self):
+        return [type(self.client_optimizer or self.optimizer).__name__]
+
     def is_gradient_accumulation_boundary(self) -> bool:
-        return self.progress.micro_steps_in_window + 1 == self.config.gradient_accumulation_steps
+        if self._boundary_override is not None:
+            return self._boundary_override
+        return self.progress.at_boundary(self._config.gradient_accumulation_steps)
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool):
+        """Override whether the next backward/step is an accumulation boundary
+        (DeepSpeed's; pipelines and custom schedules use it). None restores counting."""
+        self._boundary_override = None if is_boundary is None else bool(is_boundary)
 
     def memory_report(self):
         return self.optimizer.memory_report()
 
-    # --- the module -----------------------------------------------------------------------------------
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+    # --- the module ---------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
+        if self.training_dataloader is None:
+            self.tput_timer.start()
         args = _cast_inputs(args, self.model_dtype, self.device)
         kwargs = _cast_inputs(kwargs, self.model_dtype, self.device)
-        return self.module(*args, **kwargs)
+        autocast = self._config.torch_autocast
+        with torch.autocast(self.device.type, dtype=getattr(torch, autocast.dtype)) if autocast.enabled \
+                else contextlib.nullcontext():
+            return self.module(*args, **kwargs)
 
-    def train(self, mode: bool = True):
-        self.module.train(mode)
-        return self
+    def module_state_dict(self, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        state = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if exclude_frozen_parameters:
+            frozen = {prefix + n for n, p in self.module.named_parameters() if not p.requires_grad}
+            state = type(state)((k, v) for k, v in state.items() if k not in frozen)
+        return state
 
-    def eval(self):
-        self.module.eval()
-        return self
+    @torch.no_grad()
+    def load_module_state_dict(self, state_dict, strict=True, custom_load_fn=None, fetch_z3_params=False):
+        """Load model weights; the optimizer's fp32 masters are refreshed from them."""
+        if custom_load_fn is not None:
+            custom_load_fn(src=state_dict, dst=self.module)
+            result = None
+        else:
+            result = self.module.load_state_dict(state_dict, strict=strict)
+        self.optimizer.refresh_master_from_params()
+        return result
 
-    def parameters(self, recurse=True):
-        return self.module.parameters(recurse)
+    # --- backward and step -----------------------------------------------------------------------------
 
-    def named_parameters(self, *args, **kwargs):
-        return self.module.named_parameters(*args, **kwargs)
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside accumulate gradients without reducing them
+        across ranks (DeepSpeed's no_sync; not with ZeRO stage 2, whose
+        gradients live partitioned)."""
+        if self._config.zero.stage >= 2:
+            raise RuntimeError(f"engine.no_sync() is incompatible with gradient partitioning (ZeRO stage "
+                               f"{self._config.zero.stage}); as in DeepSpeed, use stage 0 or 1")
+        if self._inside_no_sync:
+            raise RuntimeError("engine.no_sync() cannot be nested")
+        self._inside_no_sync = True
+        try:
+            yield
+        finally:
+            self._inside_no_sync = False
 
-    def state_dict(self, *args, **kwargs):
-        return self.module.state_dict(*args, **kwargs)
-
-    # --- backward and step ---------------------------------------------------------------------------------
-
-    def backward(self, loss, retain_graph: bool = False):
-        """Back-propagate loss * loss_scale / gradient_accumulation_steps;
-        gradients go straight into zerofuse's buffers."""
+    def backward(self, loss, retain_graph: bool = False, scale_wrt_gas: bool = True):
+        """Back-propagate loss * loss_scale (/ gradient_accumulation_steps when
+        scale_wrt_gas); gradients go straight into zerofuse's buffers."""
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("engine.backward: 'loss' must be a tensor with one element")
-        c = self.config
+        c = self._config
         first = self.progress.micro_steps_in_window == 0
         reducer = self.optimizer.reducer
-        reducer.begin_backward(boundary=self.is_gradient_accumulation_boundary(), first_in_window=first)
+        boundary = self.is_gradient_accumulation_boundary() and not self._inside_no_sync
+        reducer.begin_backward(boundary=boundary, first_in_window=first)
         self._last_loss = loss.detach()
-        factor = self.optimizer.loss_scale_tensor.to(torch.float32) / c.gradient_accumulation_steps
+        factor = self.optimizer.loss_scale_tensor.to(torch.float32)
+        if scale_wrt_gas:
+            factor = factor / c.gradient_accumulation_steps
         try:
             (loss.float().reshape(1) * factor).backward(retain_graph=retain_graph)
         finally:
@@ -262,7 +319,12 @@ class Engine:
     def step(self, lr_kwargs=None):
         """Count the micro-step; at an accumulation boundary, step the optimizer
         (and the learning-rate schedule, when the step was applied)."""
-        if not self.progress.count_micro_step(self.config.gradient_accumulation_steps):
+        if self._inside_no_sync:
+            raise RuntimeError("engine.step() cannot be called inside engine.no_sync() (as in DeepSpeed)")
+        boundary = self.progress.count_micro_step(self._config.gradient_accumulation_steps,
+                                                  self.is_gradient_accumulation_boundary())
+        self.tput_timer.stop(global_step=boundary)
+        if not boundary:
             return
         self._lr_kwargs = lr_kwargs
         self._step_scheduler_for_applied_steps(lr_kwargs)
@@ -270,6 +332,49 @@ class Engine:
         if self.device.type != "cuda":  # on the CPU the outcome is known at once; CUDA reads it lazily
             self._step_scheduler_for_applied_steps(lr_kwargs)
         self._after_step()
+
+    def train_batch(self, data_iter=None):
+        """One optimizer step over gradient_accumulation_steps micro-batches
+        drawn from data_iter (default: the training data loader); returns the
+        mean loss (detached). A batch that is a tuple/list is the model's
+        positional arguments, a dict its keyword arguments; the model returns
+        the loss (or an output carrying .loss), as DeepSpeed's pipeline
+        engine's train_batch."""
+        if data_iter is None:
+            if self.training_dataloader is None:
+                raise ValueError("engine.train_batch: give data_iter, or training_data to initialize()")
+            if not hasattr(self, "_train_iter"):
+                from .dataloader import RepeatingLoader
+                self._train_iter = RepeatingLoader(self.training_dataloader)
+            data_iter = self._train_iter
+        self.train()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for _ in range(self._config.gradient_accumulation_steps):
+            batch = next(data_iter)
+            if isinstance(batch, dict):
+                output = self(**batch)
+            elif isinstance(batch, (tuple, list)):
+                output = self(*batch)
+            else:
+                output = self(batch)
+            loss = _loss_of(output)
+            self.backward(loss)
+            self.step()
+            total += loss.detach().float()
+        return total / self._config.gradient_accumulation_steps
+
+    def zero_grad(self, set_to_none: bool = True):
+        """Parameters never hold a .grad (gradients live in zerofuse's buffers
+        and are cleared at each optimizer step), so there is nothing to clear."""
+        self.optimizer.zero_grad(set_to_none)
+
+    def allreduce_gradients(self, bucket_size=None):
+        """Gradients are reduced by the engine at the accumulation boundary's
+        backward (DeepSpeed's reduce-after-accumulation), so there is nothing
+        left to reduce when this is called."""
+
+    def empty_partition_cache(self):
+        """Nothing is cached between steps at ZeRO stages 0-2."""
 
     def _step_scheduler_for_applied_steps(self, lr_kwargs=None):
         """DeepSpeed steps the schedule after every applied optimizer step. The
@@ -285,19 +390,19 @@ class Engine:
         the host, so they run only when asked for: every step with a monitor
         enabled, otherwise every steps_per_print steps (overflows are counted on
         the device meanwhile and reported there, one line for all of them)."""
-        c = self.config
+        c = self._config
         steps_done = self.progress.optimizer_steps
         if self.monitor.enabled:
             self.monitor.write(self.global_samples, {
                 "train_loss": None if self._last_loss is None else float(self._last_loss.float()),
-                "lr": self.get_lr()[0], "loss_scale": self.loss_scale, "grad_norm": self.get_global_grad_norm()})
+                "lr": self.get_lr()[0], "loss_scale": self.loss_scale(), "grad_norm": self.get_global_grad_norm()})
         if steps_done % c.steps_per_print or not self.placement.is_main:
             return
         skipped = self.skipped_steps
         new_overflows, self.progress.skipped_reported = skipped - self.progress.skipped_reported, skipped
         now = time.perf_counter()
         line = (f"[zerofuse] step={self.global_steps}, skipped={skipped}, lr={self.get_lr()}, "
-                f"loss_scale={self.loss_scale:g}")
+                f"loss_scale={self.loss_scale():g}")
         if c.wall_clock_breakdown:
             line += f", {(now - self._step_start) / c.steps_per_print * 1e3:.1f} ms/step"
         self._step_start = now
@@ -305,49 +410,72 @@ class Engine:
         if new_overflows:
             print(f"[zerofuse] {new_overflows} step(s) skipped for inf/NaN gradients since the last report",
                   flush=True)
-            if c.fp16.enabled and self.loss_scale <= c.fp16.min_loss_scale:
+            if c.fp16.enabled and self.loss_scale() <= c.fp16.min_loss_scale:
                 print(f"[zerofuse] warning: the loss scale is at min_loss_scale ({c.fp16.min_loss_scale:g}) and "
                       "gradients still overflow; those steps are skipped and training continues",
                       file=sys.stderr, flush=True)
 
     # --- data ---------------------------------------------------------------------------------------------
 
-    def _dataloader(self, dataset, collate_fn):
-        sampler = None
-        if self.placement.world_size > 1:
-            sampler = torch.utils.data.distributed.DistributedSampler(
-                dataset, num_replicas=self.placement.world_size, rank=self.placement.rank)
-        return torch.utils.data.DataLoader(dataset, batch_size=self.config.train_micro_batch_size_per_gpu,
-                                           sampler=sampler, shuffle=False, collate_fn=collate_fn, drop_last=True)
+    def deepspeed_io(self, dataset, batch_size=None, route=None, pin_memory=False, data_sampler=None,
+                     collate_fn=None, num_local_io_workers=None):
+        """A loader over `dataset` with DeepSpeed's sampling (runtime/dataloader.py)."""
+        if not isinstance(dataset, torch.utils.data.Dataset):
+            raise ValueError(f"zerofuse: training data must be a torch.utils.data.Dataset, got "
+                             f"{type(dataset).__name__}")
+        return DeepSpeedDataLoader(dataset, batch_size or self._config.train_micro_batch_size_per_gpu,
+                                   rank=self.placement.rank, world_size=self.placement.world_size,
+                                   collate_fn=collate_fn, data_sampler=data_sampler,
+                                   drop_last=self._config.dataloader_drop_last,
+                                   num_local_io_workers=num_local_io_workers, pin_memory=pin_memory,
+                                   tput_timer=self.tput_timer)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True):
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True,
+                        exclude_frozen_parameters=False):
+        """Write a checkpoint (runtime/checkpoint.py); returns True, as DeepSpeed."""
         from .checkpoint import save_checkpoint
-        return save_checkpoint(self, save_dir, tag, client_state or {}, save_latest)
+        save_checkpoint(self, save_dir, tag, {} if client_state is None else client_state, save_latest,
+                        exclude_frozen_parameters)
+        return True
 
-    def load_checkpoint(self, load_dir, tag=None, load_optimizer_states=True, load_lr_scheduler_states=True,
-                        load_module_only=False):
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        """Returns (path, client_state); (None, None) with a warning when
+        load_dir holds no checkpoint, as DeepSpeed."""
         from .checkpoint import load_checkpoint
-        return load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states,
-                               load_module_only)
+        return load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
+                               load_lr_scheduler_states, load_module_only, custom_load_fn)
 
-    # --- start-up report ------------------------------------------------------------------------------------
+    def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False):
+        """The model's state_dict in its training dtype, written by rank 0 to
+        save_dir/save_filename (created; written to a temporary name and
+        renamed). Returns True."""
+        from .checkpoint import save_model_weights
+        save_model_weights(self, save_dir, save_filename, exclude_frozen_parameters)
+        return True
+
+    def save_fp16_model(self, save_dir, save_filename="pytorch_model.bin"):
+        return self.save_16bit_model(save_dir, save_filename)
+
+    # --- life cycle ----------------------------------------------------------------------------------------------
+
+    def destroy(self):
+        """Release what the engine holds beyond the model: gradient hooks,
+        buffers of in-flight reductions."""
+        self.optimizer.reducer.wait()
+        self.optimizer.reducer.remove_hooks()
 
     def _print_config(self):
-        c = self.config
+        c = self._config
         print(f"[zerofuse] world size {self.placement.world_size}, device {self.device}, ZeRO stage {c.zero.stage}, "
-              f"dtype {str(self.model_dtype).replace('torch.', '')}", flush=True)
+              f"dtype {str(self.model_dtype).replace('torch.', '')}, optimizer {self.optimizer_name() or 'AdamW'}",
+              flush=True)
         print("[zerofuse] resolved config: " + json.dumps(c.to_dict(), sort_keys=True), flush=True)
         if c.inert_keys:
-            print("[zerofuse] accepted with no effect for ZeRO-1/2: " + ", ".join(c.inert_keys), flush=True)
+            print("[zerofuse] accepted with no effect here: " + ", ".join(c.inert_keys), flush=True)
+        for note in self._notes:
+            print(f"[zerofuse] note: {note}", flush=True)
         if c.memory_breakdown:
             print("[zerofuse] memory per rank (bytes): " + json.dumps(self.memory_report()), flush=True)
-
-
-def _set_buffer(module, dotted_name, value):
-    *path, leaf = dotted_name.split(".")
-    owner = module
-    for part in path:
-        owner = getattr(owner, part)
-    owner._buffers[leaf] = value

@@ -11,8 +11,13 @@ into the flat gradient buffers and frees it:
 Buckets are reduced as soon as they and all before them are complete, strictly
 in bucket order (the same on every rank). Without overlap_comm each reduction
 is waited for at once; with it, it runs while backward goes on, at most
-MAX_IN_FLIGHT at a time (so ZeRO-2 holds only a couple of staging buckets). bf16/fp32 reduce with AVG; fp16 is divided by
-sqrt(world) before and after a SUM so the sum cannot overflow.
+MAX_IN_FLIGHT at a time (so ZeRO-2 holds only a couple of staging buckets).
+
+Averaging: bf16/fp32 reduce with AVG; fp16 is divided by sqrt(world) before
+and after a SUM so the sum cannot overflow. DeepSpeed's prescale_gradients
+(divide by the world size before a SUM) and gradient_predivide_factor f
+(divide by f before, by world / f after) are honoured when set: they move the
+divide, not the result.
 """
 import math
 import weakref
@@ -39,7 +44,9 @@ class _Pending:
 class GradReducer:
     def __init__(self, layout, stage: int, placement, grad_dtype: torch.dtype, comm_dtype: torch.dtype,
                  overlap_comm: bool, use_reduce_scatter: bool, flat_grads: Optional[torch.Tensor],
-                 shard_grads: Optional[torch.Tensor]):
+                 shard_grads: Optional[torch.Tensor], divide_before: Optional[float] = None):
+        """divide_before: None for the default averaging above, else the factor
+        gradients are divided by before a SUM (the rest of the world size after)."""
         self.layout = layout
         self.stage = stage
         self.placement = placement  # its group is looked up at each use (see Placement.group)
@@ -51,7 +58,10 @@ class GradReducer:
         self.use_reduce_scatter = use_reduce_scatter
         self.flat_grads = flat_grads    # ZeRO-0/1
         self.shard_grads = shard_grads  # ZeRO-2
-        self.sqrt_world = math.sqrt(self.world)
+        if divide_before is None:
+            divide_before = math.sqrt(self.world) if comm_dtype == torch.float16 else None
+        # (before, after) a SUM; None: reduce with AVG.
+        self.divides = None if divide_before is None else (divide_before, self.world / divide_before)
 
         nb = len(layout.buckets)
         self.bucket_slots: List[List[int]] = [[] for _ in range(nb)]
@@ -190,12 +200,12 @@ class GradReducer:
         bucket -- then write or add that part into `dest`."""
         src = buf if buf.dtype == self.comm_dtype else buf.to(self.comm_dtype)
         part = src[lo:hi]
-        fp16 = self.comm_dtype == torch.float16
+        divides = self.divides if self.world > 1 else None
         work = None
         if self.world > 1:
-            if fp16:
-                src.div_(self.sqrt_world)
-            op = dist.ReduceOp.SUM if fp16 else dist.ReduceOp.AVG
+            if divides is not None and divides[0] != 1.0:
+                src.div_(divides[0])
+            op = dist.ReduceOp.AVG if divides is None else dist.ReduceOp.SUM
             whole = hi - lo == src.numel()
             if whole or not self.use_reduce_scatter:
                 work = dist.all_reduce(src, op=op, group=self.placement.group, async_op=True)
@@ -203,8 +213,8 @@ class GradReducer:
                 work = collectives.reduce_scatter(part, src, op=op, group=self.placement.group, async_op=True)
 
         def finish():
-            if self.world > 1 and fp16:
-                part.div_(self.sqrt_world)
+            if divides is not None and divides[1] != 1.0:
+                part.div_(divides[1])
             if accumulate:
                 dest.add_(part)
             elif part.data_ptr() != dest.data_ptr() or part.dtype != dest.dtype:

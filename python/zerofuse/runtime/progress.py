@@ -17,14 +17,20 @@ class TrainingProgress:
     def micro_steps(self, accumulation_steps: int) -> int:
         return self.optimizer_steps * accumulation_steps + self.micro_steps_in_window
 
-    def count_micro_step(self, accumulation_steps: int) -> bool:
-        """One engine.step(); True when it closes the accumulation window."""
+    def at_boundary(self, accumulation_steps: int) -> bool:
+        """Whether the next micro-step closes the accumulation window."""
+        return (self.micro_steps_in_window + 1) % accumulation_steps == 0
+
+    def count_micro_step(self, accumulation_steps: int, boundary: bool = None) -> bool:
+        """One engine.step(); returns whether it closed the window (by the
+        count, or as `boundary` says when the caller decides)."""
+        if boundary is None:
+            boundary = self.at_boundary(accumulation_steps)
         self.micro_steps_in_window += 1
-        if self.micro_steps_in_window < accumulation_steps:
-            return False
-        self.micro_steps_in_window = 0
-        self.optimizer_steps += 1
-        return True
+        if boundary:
+            self.micro_steps_in_window = 0
+            self.optimizer_steps += 1
+        return boundary
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name) for name in _SAVED}

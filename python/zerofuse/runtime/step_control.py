@@ -114,6 +114,15 @@ class StepControl:
             dist.all_reduce(self.stats, op=dist.ReduceOp.SUM, group=group)
         _C.step_control(self.stats, self.state, self.output, stream=stream, **self.settings.kernel_arguments())
 
+    def decision_on_host(self):
+        """(skip, gradient multiplier, applied steps counting this one) of the
+        decision just made -- read at once, a wait for the device. For update
+        rules that decide on the host (the fused Adam kernel reads the device
+        values instead)."""
+        out, state = self.output.cpu(), self.state.cpu()
+        return (bool(out[OUTPUT["skip"]] != 0), float(out[OUTPUT["grad_multiplier"]]),
+                int(state[STATE["applied_steps"]]))
+
     # --- the host's view -----------------------------------------------------------------------------
 
     def publish(self):

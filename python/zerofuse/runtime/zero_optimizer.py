@@ -1,28 +1,25 @@
-"""Adam/AdamW over flat, partitioned buffers: ZeRO stages 0, 1 and 2.
+"""The engine's optimizer over flat, partitioned buffers: ZeRO stages 0, 1 and 2.
 
 Per rank (Psi parameters, N ranks, ZeRO-1/2; ZeRO-0 keeps everything whole):
   flat_params   model dtype, Psi        what forward and backward see (params are views)
   master        fp32, Psi/N             only with fp16/bf16; in fp32 the params are the master
-  exp_avg(_sq)  fp32, 2 Psi/N
+  rule state    fp32, k Psi/N           Adam: exp_avg and exp_avg_sq (k = 2); see update_rules/
   gradients     ZeRO-0/1: model dtype, Psi (flat_grads); ZeRO-2: Psi/N (shard_grads) + buckets
 A step: local gradient statistics over this rank's shard, one all-reduce of
 them (ZeRO-1/2), the step decision on the device (skip on inf/NaN, unscale,
-clip, loss scale), one fused Adam pass per param group that also writes the
-new model-dtype params, and an all-gather of the updated params per bucket.
+clip, loss scale), the update rule over the master shard (fused Adam: one pass
+per param group that also writes the new model-dtype params), and an
+all-gather of the updated params per bucket.
 """
-from typing import Dict, List, NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
-from .. import _C
-from ..ops._library import stream_of
 from . import collectives
 from .grad_reducer import GradReducer
 from .layout import FlatLayout
 from .step_control import StepControl, StepControlSettings
-
-HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "adam_w_mode", "bias_correction")
-_MOMENTS = ("master", "exp_avg", "exp_avg_sq")
+from .update_rules import AdamRule, TorchOptimizerRule
 
 
 class OwnedPiece(NamedTuple):
@@ -40,7 +37,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def __init__(self, param_groups: List[dict], named_params, placement, *, stage: int, model_dtype: torch.dtype,
                  comm_dtype: torch.dtype, bucket_elements: int, overlap_comm: bool, reduce_scatter: bool,
-                 step_control: StepControlSettings):
+                 step_control: StepControlSettings, update_rule: Callable = AdamRule,
+                 divide_before: Optional[float] = None):
+        """update_rule(optimizer) makes the rule that updates the master shard
+        (update_rules/); divide_before: see GradReducer."""
         super().__init__(param_groups, {})
         self.placement = placement
         self.stage = stage
@@ -74,16 +74,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for slot in L.slots:
                 slot.param.data = self.flat_params[slot.offset:slot.offset + slot.numel].view(slot.shape)
                 slot.param.grad = None
-            self.exp_avg = torch.zeros(L.shard_size, dtype=torch.float32, device=device)
-            self.exp_avg_sq = torch.zeros(L.shard_size, dtype=torch.float32, device=device)
             self.flat_grads = torch.zeros(L.total, dtype=model_dtype, device=device) if stage < 2 else None
             self.shard_grads = torch.zeros(L.shard_size, dtype=model_dtype, device=device) if stage == 2 else None
 
         self.reducer = GradReducer(L, stage, placement, model_dtype, comm_dtype, overlap_comm, reduce_scatter,
-                                   self.flat_grads, self.shard_grads)
+                                   self.flat_grads, self.shard_grads, divide_before=divide_before)
 
         self.step_control = StepControl(step_control, device)
         self._build_run_views()
+        self.rule = update_rule(self)
 
     def _copy_own_chunks(self, flat: torch.Tensor, shard: torch.Tensor):
         """This rank's chunk of every bucket of `flat`, into its place in `shard`."""
@@ -94,23 +93,37 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # --- views the kernels take ---------------------------------------------------------------
 
     def _build_run_views(self):
-        """Per param group, the lists of contiguous views one Adam call takes."""
+        """Per param group, the runs of this rank's shard and the contiguous
+        views of them that an update takes: fp32 master values, gradients, and
+        (mixed precision) the model-dtype copies to write."""
         L = self.layout
         grads_flat = self.flat_grads if self.stage < 2 else None
+        self.runs_of_group = L.groups_of_runs(len(self.param_groups))
         self.group_views: List[Dict[str, list]] = []
-        for runs in L.groups_of_runs(len(self.param_groups)):
-            v = {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [], "copies": []}
+        for runs in self.runs_of_group:
+            v = {"params": [], "grads": [], "copies": []}
             for r in runs:
                 flat = slice(r.flat_begin, r.flat_end)
                 shard = slice(r.shard_begin, r.shard_end)
                 v["params"].append(self.master[shard] if self.mixed else self.flat_params[flat])
                 v["grads"].append(grads_flat[flat] if grads_flat is not None else self.shard_grads[shard])
-                v["exp_avgs"].append(self.exp_avg[shard])
-                v["exp_avg_sqs"].append(self.exp_avg_sq[shard])
                 if self.mixed:
                     v["copies"].append(self.flat_params[flat])
             self.group_views.append(v)
         self.all_grad_views = [g for v in self.group_views for g in v["grads"]]
+
+    def master_view(self, lo: int, hi: int) -> torch.Tensor:
+        """fp32 master values of shard elements [lo, hi) (with one rank: flat elements)."""
+        return self.master[lo:hi] if self.mixed else self.flat_params[lo:hi]
+
+    @torch.no_grad()
+    def write_copies(self):
+        """Mixed precision: the model-dtype params from the updated masters
+        (what the fused Adam kernel does in its own pass)."""
+        if self.mixed:
+            for views in self.group_views:
+                for master, copy in zip(views["params"], views["copies"]):
+                    copy.copy_(master)
 
     # --- the step ------------------------------------------------------------------------------
 
@@ -118,26 +131,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """One optimizer step at an accumulation boundary. Decides on the
         device whether to apply it; the host learns the outcome later
-        (self.step_control)."""
+        (self.step_control), except for rules that read it at once."""
         if closure is not None:
             raise RuntimeError("zerofuse's optimizer is stepped by the engine (engine.step()); closures are not supported")
         self.reducer.wait()
         control = self.step_control
         control.decide(self.all_grad_views, self.placement.group if self.partition_world > 1 else None)
-        # Adam's step count, multiplier and skip flag are read on the device, where
-        # the decision was just written: nothing here waits for the device.
-        stream = stream_of(control.stats)
-        for group, views in zip(self.param_groups, self.group_views):
-            if not views["params"]:
-                continue
-            beta1, beta2 = group["betas"]
-            _C.adam_step_multi(
-                views["params"], views["grads"], views["exp_avgs"], views["exp_avg_sqs"],
-                views["copies"] if self.mixed else None,
-                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]), adam_w_mode=bool(group["adam_w_mode"]),
-                bias_correction=bool(group["bias_correction"]), step=1, step_tensor=control.applied_count,
-                grad_multiplier=control.grad_multiplier, skip_if_nonzero=control.skip_flag, stream=stream)
+        self.rule.step(control)
         self._all_gather_params()
         if self.flat_grads is not None:
             self.flat_grads.zero_()  # the next accumulation window starts from zero
@@ -183,7 +183,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "params": self.flat_params.numel() * el,
             "grads": grads,
             "master_params": 0 if self.master is None else self.master.numel() * 4,
-            "optimizer_state": (self.exp_avg.numel() + self.exp_avg_sq.numel()) * 4,
+            "optimizer_state": sum(t.numel() * t.element_size() for t in self.rule.state_tensors().values()),
         }
 
     def zero_grad(self, set_to_none: bool = True):
@@ -205,31 +205,36 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return [OwnedPiece(slots[s.param_index].name, s.param_begin, s.length)
                 for s in self.layout.plan.shard_slices(self.layout.rank)]
 
-    def _piece_views(self):
-        """(fp32 master, exp_avg, exp_avg_sq, model-dtype param) views of each owned piece."""
+    def _piece_ranges(self):
+        """(shard range, flat range) of each owned piece, in owned_pieces() order."""
         slots = self.layout.slots
         for s in self.layout.plan.shard_slices(self.layout.rank):
-            shard = slice(s.shard_offset, s.shard_offset + s.length)
             flat_begin = slots[s.param_index].offset + s.param_begin
-            flat = self.flat_params[flat_begin:flat_begin + s.length]
-            yield (self.master[shard] if self.mixed else flat), self.exp_avg[shard], self.exp_avg_sq[shard], flat
+            yield slice(s.shard_offset, s.shard_offset + s.length), slice(flat_begin, flat_begin + s.length)
 
     def state_dict(self) -> dict:
-        """This rank's fp32 master values and Adam moments, the owned pieces
-        concatenated (on the CPU), with the table that names them; the param
-        groups' hyper-parameters; the step control's state."""
+        """This rank's share, named by parameter: "slices" (int64 [k, 3]: param
+        index, first element, length of each owned piece), "master" and every
+        per-element state tensor of the update rule ("exp_avg", "exp_avg_sq"
+        for Adam) with the pieces concatenated, fp32, on the CPU;
+        "state_names", "param_names", the param groups' hyper-parameters,
+        per-group scalar state of a client optimizer, and the step control."""
         pieces = self.owned_pieces()
         index_of = {name: i for i, (name, _) in enumerate(self.named_trainable_parameters())}
-        values = {k: [] for k in _MOMENTS}
-        for views in self._piece_views():
-            for k, v in zip(_MOMENTS, views):
-                values[k].append(v)
+        rule_state = self.rule.state_tensors()
+        values = {"master": [], **{k: [] for k in rule_state}}
+        for shard, flat in self._piece_ranges():
+            values["master"].append(self.master[shard] if self.mixed else self.flat_params[flat])
+            for k, t in rule_state.items():
+                values[k].append(t[shard])
         state = {k: (torch.cat(v).float().cpu() if v else torch.zeros(0)) for k, v in values.items()}
         state["slices"] = torch.tensor([(index_of[p.name], p.first, p.length) for p in pieces],
                                        dtype=torch.int64).reshape(-1, 3)
+        state["state_names"] = list(rule_state)
         state["param_names"] = [name for name, _ in self.named_trainable_parameters()]
         state["param_groups"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
                                  for g in self.param_groups]
+        state["scalar_state"] = self.rule.scalar_state() if hasattr(self.rule, "scalar_state") else None
         state["step_control"] = self.step_control.state_dict()
         return state
 
@@ -238,41 +243,53 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """The inverse of state_dict() for this rank's owned_pieces() (a
         checkpoint of another world size is resharded into that order by the
         checkpoint module); then every rank's params are rebuilt from the
-        masters. "param_groups" and "step_control" are optional."""
+        masters. "param_groups", "scalar_state" and "step_control" are optional."""
         total = sum(p.length for p in self.owned_pieces())
-        for k in _MOMENTS:
+        names = ["master", *state.get("state_names", self.rule.state_tensors().keys())]
+        for k in names:
             if k not in state or state[k].numel() != total:
                 raise ValueError(f"ZeroOptimizer.load_state_dict: '{k}' must hold {total} values (this rank's pieces), "
                                  f"got {tuple(state[k].shape) if k in state else 'none'}")
-        device = self.exp_avg.device
-        values = [state[k].to(device, torch.float32) for k in _MOMENTS]
+        device = self.placement.device
+        shard_size = self.layout.shard_size
+        rule_state = {k: torch.zeros(shard_size, dtype=torch.float32, device=device) for k in names[1:]}
+        master = state["master"].to(device, torch.float32)
         cursor = 0
-        for master, exp_avg, exp_avg_sq, param in self._piece_views():
-            piece = slice(cursor, cursor + master.numel())
-            master.copy_(values[0][piece])
-            exp_avg.copy_(values[1][piece])
-            exp_avg_sq.copy_(values[2][piece])
+        for shard, flat in self._piece_ranges():
+            piece = slice(cursor, cursor + (shard.stop - shard.start))
             if self.mixed:
-                param.copy_(values[0][piece])
-            cursor += master.numel()
+                self.master[shard].copy_(master[piece])
+            self.flat_params[flat].copy_(master[piece])
+            for k, t in rule_state.items():
+                t[shard] = state[k][piece].to(device)
+            cursor = piece.stop
+        if isinstance(self.rule, TorchOptimizerRule):
+            self.rule.load_state_tensors(rule_state, state.get("scalar_state"))
+        else:
+            self.rule.load_state_tensors(rule_state)
         self._all_gather_params()
         saved_groups = state.get("param_groups")
-        if saved_groups is not None:
-            if len(saved_groups) != len(self.param_groups):
-                raise ValueError(f"ZeroOptimizer.load_state_dict: {len(saved_groups)} param groups saved, "
-                                 f"{len(self.param_groups)} here")
+        if saved_groups is not None and len(saved_groups) == len(self.param_groups):
+            # Restored as torch's optimizers do; a checkpoint with another grouping
+            # keeps the groups given now (the values above are named by parameter).
             for group, saved in zip(self.param_groups, saved_groups):
                 group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()
-                              if k in HYPERPARAMETERS or k == "initial_lr"})
+                              if k in self.rule.hyperparameters or k == "initial_lr"})
         if state.get("step_control") is not None:
             self.step_control.load_state_dict(state["step_control"])
 
     @torch.no_grad()
-    def reset_from_params(self):
-        """A fresh optimizer for the current params: master = the params'
-        values, zero moments, a new step state (load_module_only)."""
+    def refresh_master_from_params(self):
+        """The fp32 masters take the (model-dtype) params' current values --
+        after the model's weights were loaded from outside."""
         if self.mixed:
             self._copy_own_chunks(self.flat_params, self.master)
-        self.exp_avg.zero_()
-        self.exp_avg_sq.zero_()
+
+    @torch.no_grad()
+    def reset_from_params(self):
+        """A fresh optimizer for the current params: master = the params'
+        values, fresh rule state, a new step state (load_module_only)."""
+        if self.mixed:
+            self._copy_own_chunks(self.flat_params, self.master)
+        self.rule.reset()
         self.step_control.reset()
