@@ -68,3 +68,35 @@ def test_state_dict_round_trip_and_per_group_values():
     assert t.get_last_lr() == s.get_last_lr()
     with pytest.raises(ValueError, match="'warmup_max_lr' has 3 values for 2 param groups"):
         WarmupLR(optimizer(groups=2), warmup_max_lr=[0.1, 0.2, 0.3])
+
+
+def test_lr_range_test_continuous_and_staircase():
+    from zerofuse.runtime.schedulers import LRRangeTest
+    s = LRRangeTest(optimizer(), lr_range_test_min_lr=0.01, lr_range_test_step_size=4, lr_range_test_step_rate=2.0)
+    got = lrs(s, 9)
+    assert got[0] == pytest.approx(0.01)
+    for i, lr in enumerate(got[1:]):  # iteration i: (i + 1) / 4 intervals
+        assert lr == pytest.approx(0.01 * (1 + 2.0 * (i + 1) / 4))
+    s = LRRangeTest(optimizer(), lr_range_test_min_lr=0.01, lr_range_test_step_size=4, lr_range_test_step_rate=2.0,
+                    lr_range_test_staircase=True)
+    assert lrs(s, 8)[1:] == pytest.approx([0.01 * (1 + 2.0 * ((i + 1) // 4)) for i in range(8)])
+
+
+def test_one_cycle_lr_and_momentum():
+    from zerofuse.runtime.schedulers import OneCycle
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    s = OneCycle(opt, cycle_min_lr=0.01, cycle_max_lr=0.11, cycle_first_step_size=5, cycle_second_step_size=10,
+                 decay_lr_rate=0.5, decay_step_size=2, cycle_min_mom=0.8, cycle_max_mom=0.9)
+    got, moms = [], []
+    for _ in range(20):
+        s.step()
+        got.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
+    for i, (lr, mom) in enumerate(zip(got, moms)):  # last_batch_iteration = i
+        t = i + 1
+        if i < 15:
+            scale = t / 5 if t <= 5 else (15 - t) / 10  # up over 5 steps, down over 10
+            assert lr == pytest.approx(0.01 + 0.1 * scale), i
+            assert mom == pytest.approx(0.9 - 0.1 * scale), i
+        else:
+            assert lr == pytest.approx(0.01 / (1 + 0.5 * (i - 15 + 1) / 2)), i

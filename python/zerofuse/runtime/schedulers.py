@@ -1,7 +1,8 @@
-"""DeepSpeed's learning-rate schedules (WarmupLR, WarmupDecayLR, WarmupCosineLR),
-with DeepSpeed's parameter names and step semantics: the schedule sets the
-learning rate at construction (step -1: warmup_min_lr, or 0 for the cosine
-schedule), and the engine calls step() after every applied optimizer step.
+"""DeepSpeed's learning-rate schedules (WarmupLR, WarmupDecayLR, WarmupCosineLR,
+OneCycle, LRRangeTest), with DeepSpeed's parameter names and step semantics:
+the schedule sets the learning rate at construction (step -1: warmup_min_lr,
+or 0 for the cosine schedule), and the engine calls step() after every
+applied optimizer step.
 """
 import math
 
@@ -141,7 +142,111 @@ class WarmupCosineLR(_Schedule):
         return [lr * r for lr in self.org_lrs]
 
 
-SCHEDULERS = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR}
+class LRRangeTest(_Schedule):
+    """The learning-rate range test: lr = min_lr * (1 + step_rate * interval),
+    interval = (iteration + 1) / step_size (floored with staircase)."""
+
+    def __init__(self, optimizer, lr_range_test_min_lr=1e-3, lr_range_test_step_size=2000,
+                 lr_range_test_step_rate=1.0, lr_range_test_staircase=False, last_batch_iteration=-1):
+        if isinstance(lr_range_test_step_size, bool) or not isinstance(lr_range_test_step_size, int) or \
+                lr_range_test_step_size <= 0:
+            raise ValueError(f"LRRangeTest: 'lr_range_test_step_size' must be a positive integer, got "
+                             f"{lr_range_test_step_size!r}")
+        self.optimizer = optimizer
+        self.min_lrs = self._per_group(lr_range_test_min_lr, "lr_range_test_min_lr")
+        self.step_size = lr_range_test_step_size
+        self.step_rate = float(lr_range_test_step_rate)
+        self.staircase = bool(lr_range_test_staircase)
+        super().__init__(optimizer, last_batch_iteration)
+
+    def get_lr(self):
+        interval = (self.last_batch_iteration + 1) / self.step_size
+        if self.staircase:
+            interval = math.floor(interval)
+        return [lr * (1 + self.step_rate * interval) for lr in self.min_lrs]
+
+
+class OneCycle(_Schedule):
+    """1Cycle (DeepSpeed's): the learning rate rises from cycle_min_lr to
+    cycle_max_lr over cycle_first_step_size steps and falls back over
+    cycle_second_step_size, then decays as min_lr / (1 + decay_lr_rate *
+    t / decay_step_size); momentum (the first beta, or "momentum") moves the
+    other way between cycle_max_mom and cycle_min_mom. Stair counts hold the
+    values flat over that many stairs per half cycle."""
+
+    def __init__(self, optimizer, cycle_min_lr, cycle_max_lr, decay_lr_rate=0.0, cycle_first_step_size=2000,
+                 cycle_second_step_size=None, cycle_first_stair_count=0, cycle_second_stair_count=None,
+                 decay_step_size=0, cycle_momentum=True, cycle_min_mom=0.8, cycle_max_mom=0.9, decay_mom_rate=0.0,
+                 last_batch_iteration=-1):
+        first = float(cycle_first_step_size)
+        second = float(cycle_second_step_size) if cycle_second_step_size is not None else first
+        if first <= 0 or second < 0:
+            raise ValueError("OneCycle: 'cycle_first_step_size' must be > 0 and 'cycle_second_step_size' >= 0")
+        self.optimizer = optimizer
+        self.first_size, self.second_size, self.total_size = first, second, first + second
+        self.step_ratio = first / self.total_size
+        self.first_stairs = int(cycle_first_stair_count)
+        self.second_stairs = self.first_stairs if cycle_second_stair_count is None else int(cycle_second_stair_count)
+        self.decay_step_size = decay_step_size
+        self.min_lrs = self._per_group(cycle_min_lr, "cycle_min_lr")
+        self.max_lrs = self._per_group(cycle_max_lr, "cycle_max_lr")
+        self.decay_lr_rate = float(decay_lr_rate)
+        groups = optimizer.param_groups
+        self.momentum_key = "betas" if "betas" in groups[0] else "momentum" if "momentum" in groups[0] else None
+        self.cycle_momentum = bool(cycle_momentum) and self.momentum_key is not None
+        self.min_moms = self._per_group(cycle_min_mom, "cycle_min_mom")
+        self.max_moms = self._per_group(cycle_max_mom, "cycle_max_mom")
+        self.decay_mom_rate = float(decay_mom_rate)
+        super().__init__(optimizer, last_batch_iteration)
+
+    def _scale(self):
+        iteration = self.last_batch_iteration + 1
+        cycle = math.floor(1 + iteration / self.total_size)
+        x = 1.0 + iteration / self.total_size - cycle
+        if x <= self.step_ratio:
+            scale, stairs = x / self.step_ratio, self.first_stairs
+        else:
+            scale, stairs = (x - 1) / (self.step_ratio - 1), self.second_stairs
+        if stairs > 0:
+            within = iteration % self.total_size
+            position = (within * stairs / self.first_size if within <= self.first_size
+                        else (self.total_size - within) * stairs / self.second_size)
+            scale = math.floor(position) / stairs
+        return scale
+
+    def _decay_factor(self, rate):
+        if not self.decay_step_size or rate == 0:
+            return 1.0
+        return 1 + rate * (self.last_batch_iteration - self.total_size + 1) / self.decay_step_size
+
+    def get_lr(self):
+        if self.last_batch_iteration < self.total_size:
+            s = self._scale()
+            return [lo + (hi - lo) * s for lo, hi in zip(self.min_lrs, self.max_lrs)]
+        return [lo / self._decay_factor(self.decay_lr_rate) for lo in self.min_lrs]
+
+    def get_mom(self):
+        if not self.cycle_momentum:
+            return None
+        if self.last_batch_iteration < self.total_size:
+            s = self._scale()
+            return [hi - (hi - lo) * s for lo, hi in zip(self.min_moms, self.max_moms)]
+        return [hi * self._decay_factor(self.decay_mom_rate) for hi in self.max_moms]
+
+    def _apply(self, lrs):
+        lrs = super()._apply(lrs)
+        moms = self.get_mom()
+        if moms is not None:
+            for group, mom in zip(self.optimizer.param_groups, moms):
+                if self.momentum_key == "betas":
+                    group["betas"] = (mom, group["betas"][1])
+                else:
+                    group["momentum"] = mom
+        return lrs
+
+
+SCHEDULERS = {"WarmupLR": WarmupLR, "WarmupDecayLR": WarmupDecayLR, "WarmupCosineLR": WarmupCosineLR,
+              "OneCycle": OneCycle, "LRRangeTest": LRRangeTest}
 
 
 def build_scheduler(config, optimizer):
