@@ -13,7 +13,9 @@ KERNEL_TESTS = ["test_layer_norm.py", "test_attention.py", "test_adam.py", "test
                 "test_masked_softmax.py", "test_fused_ops.py"]
 # Test files that run no CPU kernel of their own, or run the ones above through the engine.
 NOT_KERNEL_TESTS = {"test_bindings.py", "test_build.py", "test_checkpoint.py", "test_cli.py", "test_compile.py",
-                    "test_config.py", "test_cpu_variants.py", "test_engine_features.py", "test_engine_surface.py",
+                    "test_config.py", "test_cpu_variants.py", "test_deepspeed_compat.py", "test_deepspeed_import.py",
+                    "test_engine_features.py",
+                    "test_engine_surface.py",
                     "test_engine_zero.py",
                     "test_flat_plan.py", "test_gpu.py", "test_integrations.py", "test_loss_scaler.py",
                     "test_op_devices.py", "test_optimizers.py", "test_schedulers.py", "test_stateful.py",

@@ -1,5 +1,6 @@
 """The `zerofuse` command (also `python -m zerofuse`).
 
+    zerofuse launch    run an unmodified DeepSpeed script (the deepspeed launcher's options)
     zerofuse train     train a byte-level GPT on the Python standard library (or --data)
     zerofuse sample    generate text from a training run
     zerofuse bench     kernel benchmarks against PyTorch
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     fp32.add_argument("--tag", help="which checkpoint (default: the one `latest` names)")
     fp32.set_defaults(func=_to_fp32)
 
+    sub.add_parser("launch", help="run an unmodified DeepSpeed script on zerofuse (the deepspeed launcher's "
+                                  "options; see zerofuse launch --help)", add_help=False)
+
     prefix = sub.add_parser("cmake-prefix", help="print the CMAKE_PREFIX_PATH entry for find_package(zerofuse)")
     prefix.set_defaults(func=_cmake_prefix)
     return parser
@@ -118,6 +122,14 @@ def _launch_rank() -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # its own parser: everything after the script belongs to the script
+        from .launch import LaunchError, run
+        try:
+            return run(argv[1:])
+        except LaunchError as e:
+            print(f"zerofuse launch: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -278,8 +278,9 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
         engine.progress.load_state_dict(manifest.get("progress") or _progress_of_format1(manifest))
         if load_lr_scheduler_states and engine.lr_scheduler is not None and manifest.get("scheduler") is not None:
             engine.lr_scheduler.load_state_dict(manifest["scheduler"])
-        rng_files = manifest["rng_files"]
-        set_rng_state(load_file(os.path.join(path, rng_files[engine.placement.rank % len(rng_files)])))
+        rng_files = manifest["rng_files"]  # none in a checkpoint imported from DeepSpeed
+        if rng_files:
+            set_rng_state(load_file(os.path.join(path, rng_files[engine.placement.rank % len(rng_files)])))
         engine.monitor.resume(engine.global_samples)
     _barrier(engine)
     return path, _client_state(path, manifest)

@@ -42,6 +42,8 @@ def local_device() -> torch.device:
     keeps training on the CPU of a GPU machine (what DS_ACCELERATOR=cpu does
     for DeepSpeed); ZEROFUSE_DEVICE=cuda makes a missing GPU an error."""
     choice = os.environ.get("ZEROFUSE_DEVICE", "").strip().lower()
+    if not choice and os.environ.get("DS_ACCELERATOR", "").strip().lower() in ("cpu", "cuda"):
+        choice = os.environ["DS_ACCELERATOR"].strip().lower()  # DeepSpeed's name for the same choice
     if choice not in ("", "cpu", "cuda"):
         raise ValueError(f"environment variable ZEROFUSE_DEVICE={os.environ['ZEROFUSE_DEVICE']!r} "
                          "must be 'cpu' or 'cuda' (or unset: the GPU when there is one)")

@@ -1,0 +1,2 @@
+"""deepspeed.runtime.activation_checkpointing."""
+from . import checkpointing  # noqa: F401

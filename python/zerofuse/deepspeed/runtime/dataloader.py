@@ -1,0 +1,2 @@
+"""deepspeed.runtime.dataloader."""
+from ...runtime.dataloader import DeepSpeedDataLoader, RepeatingLoader  # noqa: F401
