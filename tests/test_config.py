@@ -86,7 +86,7 @@ def test_inconsistent_batch_triple_shows_the_arithmetic():
         ({"data_types": {"grad_accum_dtype": "fp32"}, "bf16": {"enabled": True}}, "accumulates gradients in the"),
         ({"tensorboard": {"enabled": True, "path": "x"}}, r"\['tensorboard'\]\['path'\]: unknown key"),
         ({"communication_data_type": "int8"}, "must be one of 'fp32', 'fp16', 'bf16', 'bfp16'"),
-        ({"prescale_gradients": True, "gradient_predivide_factor": 2.0}, "cannot be combined with prescale"),
+        ({"gradient_predivide_factor": 0}, r"\['gradient_predivide_factor'\]: must be > 0"),
     ],
 )
 def test_invalid_settings_name_the_key(extra, match):
@@ -204,3 +204,16 @@ def test_deepspeed_example_style_configs_parse():
     sgd = parse_config(configs[2], 2)
     assert sgd.optimizer.kind == "torch" and sgd.optimizer.params == {"lr": 0.1, "momentum": 0.9}
     assert "config['cuda_visible_devices']" in sgd.inert_keys
+
+
+def test_shapes_from_deepspeeds_examples_parse():
+    # Keys seen in DeepSpeed's example configs that its runtime ignores or overrides.
+    c = parse({"bf16": {"enabled": True, "bf16_master_weights_and_grads": False, "loss_scale": 0,
+                        "loss_scale_window": 500, "hysteresis": 2, "min_loss_scale": 1, "initial_scale_power": 15},
+               "prescale_gradients": True, "gradient_predivide_factor": 8,
+               "sparse_attention": {"mode": "fixed", "block": 16}, "cuda_visible_devices": 0,
+               "fp16": {"enabled": False, "auto_cast": True}})
+    assert c.bf16_enabled and c.prescale_gradients and c.gradient_predivide_factor == 1.0
+    assert "config['bf16']['loss_scale_window']" in c.inert_keys
+    assert any(k.startswith("config['gradient_predivide_factor']") for k in c.inert_keys)
+    assert "config['sparse_attention']" in c.inert_keys

@@ -96,7 +96,9 @@ _SECTIONS = {
 _INERT = {"zero_force_ds_cpu_optimizer", "dump_state", "checkpoint", "cuda_visible_devices", "disable_allgather",
           "log_level", "timers", "disable_python_gc", "managed_gradient_accumulation",
           "seq_parallel_communication_data_type", "gradient_allreduce_op", "use_data_before_expert_parallelism",
-          "nebula", "datastates"}
+          "nebula", "datastates",
+          # Read only by DeepSpeed's sparse-attention modules, which zerofuse refuses when a script uses them.
+          "sparse_attention"}
 # DeepSpeed features zerofuse does not have: accepted only when switched off.
 _MUST_BE_OFF = {
     "flops_profiler": "the flops profiler", "comms_logger": "the comms logger",
@@ -104,7 +106,7 @@ _MUST_BE_OFF = {
     "comet": "the comet monitor (use tensorboard or csv_monitor)", "amp": "apex AMP (use torch_autocast, fp16 or bf16)",
     "autotuning": "autotuning", "elasticity": "elastic training", "data_efficiency": "data efficiency",
     "curriculum_learning": "curriculum learning", "compression_training": "compression training",
-    "sparse_attention": "sparse attention", "aio": "async I/O offload", "quantize_training": "MoQ quantized training",
+    "aio": "async I/O offload", "quantize_training": "MoQ quantized training",
     "progressive_layer_drop": "progressive layer drop", "eigenvalue": "eigenvalue computation",
     "hybrid_engine": "the RLHF hybrid engine", "zenflow": "ZenFlow", "compile": "DeepCompile",
     "weight_quantization": "weight quantization", "tensor_parallel": "tensor parallelism (AutoTP)",
@@ -220,9 +222,9 @@ def parse_config(config, world_size: int = 1, cpu_engine: bool = True) -> Config
         c.gradient_predivide_factor = as_float(raw["gradient_predivide_factor"], ["gradient_predivide_factor"],
                                                positive=True)
     if c.prescale_gradients and c.gradient_predivide_factor != 1.0:
-        fail(["gradient_predivide_factor"], "cannot be combined with prescale_gradients (DeepSpeed's rule: the "
-                                            "prescale divides by the world size, the predivide factor applies "
-                                            "only without it)")
+        # DeepSpeed's rule: prescaling divides by the world size; the factor applies only without it.
+        inert.append(path(["gradient_predivide_factor"]) + " (prescale_gradients is true)")
+        c.gradient_predivide_factor = 1.0
     for key in ("tensorboard", "csv_monitor"):
         if key in raw:
             setattr(c, key, parse_monitor(raw[key], key))

@@ -56,8 +56,12 @@ def parse_fp16(raw, inert) -> Fp16Config:
 def parse_bf16(raw, key, inert) -> bool:
     parts = [key]
     s = as_section(raw, parts)
+    # Configs copied from an fp16 section keep its loss-scaling keys; DeepSpeed
+    # ignores them for bf16, which needs no loss scaling.
     check_keys(s, parts, {"enabled", "bf16_master_weights_and_grads", "bf16_optimizer_states"},
-               inert={"immediate_grad_update", "check_grad_overflow"}, inert_found=inert)
+               inert={"immediate_grad_update", "check_grad_overflow", "loss_scale", "loss_scale_window",
+                      "hysteresis", "consecutive_hysteresis", "min_loss_scale", "initial_scale_power", "auto_cast"},
+               inert_found=inert)
     for flag in ("bf16_master_weights_and_grads", "bf16_optimizer_states"):
         if s.get(flag, False) is not False:
             fail(parts + [flag], "is not supported: zerofuse keeps fp32 master weights and optimizer state")
