@@ -111,3 +111,44 @@ def test_bad_queries():
         plan.shard_slices(2)
     with pytest.raises(ValueError, match="'flat_index' must be in"):
         plan.owner(plan.total)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    units=st.lists(st.lists(st.integers(0, 3000), max_size=6), max_size=8),
+    world=st.integers(1, 5),
+    bucket_bytes=st.integers(1, 40_000),
+)
+def test_units_start_buckets_and_no_bucket_spans_two(units, world, bucket_bytes):
+    numels = [n for unit in units for n in unit]
+    plan = FlatPlan(numels, world_size=world, element_size=4, alignment_bytes=64, bucket_bytes=bucket_bytes,
+                    unit_sizes=[len(u) for u in units])
+    check_invariants(numels, plan, world, 4, 64, bucket_bytes)
+    unit_of_param = [u for u, unit in enumerate(units) for _ in unit]
+    starts = {b.begin for b in plan.buckets}
+    for u, unit in enumerate(units):
+        first = sum(len(x) for x in units[:u])
+        if sum(unit) > 0:
+            assert plan.params[first].offset in starts  # a non-empty unit starts a bucket
+    for b in plan.buckets:
+        inside = {unit_of_param[i] for i, (offset, numel, _) in enumerate(plan.params)
+                  if numel and offset < b.end and offset + numel > b.begin}
+        assert len(inside) <= 1
+
+
+def test_units_a_worked_example():
+    # As test_a_worked_example, but the second parameter starts a unit: the
+    # first unit's bucket ends after parameter 0 (2 x 8), and parameters 1 and 2
+    # move up to 16 and 24 inside the second unit's buckets.
+    plan = FlatPlan([10, 3, 20], world_size=2, element_size=2, alignment_bytes=16, bucket_bytes=64,
+                    unit_sizes=[1, 2])
+    assert plan.params == [(0, 10, 6), (16, 3, 5), (24, 20, 4)]
+    assert plan.buckets == [(0, 16, 8, 0), (16, 48, 16, 8)]
+    plan = FlatPlan([3, 10, 20], world_size=2, element_size=2, alignment_bytes=16, bucket_bytes=64,
+                    unit_sizes=[1, 2])
+    assert plan.params == [(0, 3, 13), (16, 10, 6), (32, 20, 12)]
+    assert plan.buckets == [(0, 16, 8, 0), (16, 48, 16, 8), (48, 64, 8, 24)]
+    with pytest.raises(ValueError, match="'unit_sizes' must add up to the number of parameters"):
+        FlatPlan([3, 10], world_size=2, element_size=2, alignment_bytes=16, bucket_bytes=64, unit_sizes=[1])
+    with pytest.raises(ValueError, match="'unit_sizes' must be >= 0"):
+        FlatPlan([3, 10], world_size=2, element_size=2, alignment_bytes=16, bucket_bytes=64, unit_sizes=[3, -1])

@@ -65,11 +65,13 @@ void bind_runtime(py::module_& m) {
 
   py::class_<FlatPlan>(m, "FlatPlan")
       .def(py::init([](const std::vector<std::int64_t>& numels, int world_size, std::int64_t element_size,
-                       std::int64_t alignment_bytes, std::int64_t bucket_bytes) {
-             return FlatPlan(numels, FlatPlanOptions{world_size, element_size, alignment_bytes, bucket_bytes});
+                       std::int64_t alignment_bytes, std::int64_t bucket_bytes,
+                       const std::vector<std::int64_t>& unit_sizes) {
+             return FlatPlan(numels,
+                             FlatPlanOptions{world_size, element_size, alignment_bytes, bucket_bytes, unit_sizes});
            }),
            arg("numels"), py::kw_only(), arg("world_size"), arg("element_size"), arg("alignment_bytes"),
-           arg("bucket_bytes"))
+           arg("bucket_bytes"), arg("unit_sizes") = std::vector<std::int64_t>{})
       .def_property_readonly("world_size", &FlatPlan::world_size)
       .def_property_readonly("alignment", &FlatPlan::alignment)
       .def_property_readonly("total", &FlatPlan::total)

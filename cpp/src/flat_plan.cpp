@@ -23,36 +23,56 @@ FlatPlan::FlatPlan(const std::vector<std::int64_t>& numels, const FlatPlanOption
   if (o.bucket_bytes < 1) value_error(op, ": 'bucket_bytes' must be >= 1, got ", o.bucket_bytes);
   alignment_ = o.alignment_bytes / o.element_size;
 
-  // 1. Parameters, each at an aligned offset.
-  params_.resize(numels.size());
-  std::int64_t cursor = 0;
-  for (std::size_t i = 0; i < numels.size(); ++i) {
-    if (numels[i] < 0) value_error(op, ": parameter ", i, " has a negative size ", numels[i]);
-    params_[i].offset = cursor;
-    params_[i].numel = numels[i];
-    cursor = round_up(cursor + numels[i], alignment_);
-    params_[i].padding = cursor - (params_[i].offset + numels[i]);
+  // 1. Units: where buckets must break (one unit of everything by default).
+  std::vector<std::int64_t> unit_ends;  // exclusive parameter index of each unit's end
+  if (o.unit_sizes.empty()) {
+    unit_ends.push_back(std::int64_t(numels.size()));
+  } else {
+    std::int64_t end = 0;
+    for (std::size_t u = 0; u < o.unit_sizes.size(); ++u) {
+      if (o.unit_sizes[u] < 0) value_error(op, ": 'unit_sizes' must be >= 0, got ", o.unit_sizes[u], " at ", u);
+      end += o.unit_sizes[u];
+      unit_ends.push_back(end);
+    }
+    if (end != std::int64_t(numels.size()))
+      value_error(op, ": 'unit_sizes' must add up to the number of parameters (", numels.size(), "), got ", end);
   }
-  const std::int64_t used = cursor;
 
-  // 2. Buckets of world_size equal aligned chunks. Full buckets take the
-  // target chunk; the last one takes just enough to cover what is left.
+  // 2. Per unit: its parameters, each at an aligned offset, then buckets of
+  // world_size equal aligned chunks covering them. Full buckets take the
+  // target chunk; a unit's last one takes just enough to cover what is left.
+  // A unit starts at a bucket boundary, so gathering its buckets gathers it
+  // and nothing of its neighbours (ZeRO-3 gathers module by module).
   const std::int64_t target_chunk =
       std::max(alignment_, o.bucket_bytes / o.element_size / o.world_size / alignment_ * alignment_);
+  params_.resize(numels.size());
   std::int64_t begin = 0, shard_offset = 0;
-  while (begin < used) {
-    const std::int64_t remaining = used - begin;
-    const std::int64_t chunk = remaining >= target_chunk * o.world_size
-                                   ? target_chunk
-                                   : round_up((remaining + o.world_size - 1) / o.world_size, alignment_);
-    const std::int64_t end = begin + chunk * o.world_size;
-    buckets_.push_back(Bucket{begin, end, chunk, shard_offset});
-    begin = end;
-    shard_offset += chunk;
+  std::size_t i = 0;
+  for (const std::int64_t unit_end : unit_ends) {
+    std::int64_t cursor = begin;
+    for (; i < std::size_t(unit_end); ++i) {
+      if (numels[i] < 0) value_error(op, ": parameter ", i, " has a negative size ", numels[i]);
+      params_[i].offset = cursor;
+      params_[i].numel = numels[i];
+      cursor = round_up(cursor + numels[i], alignment_);
+    }
+    while (begin < cursor) {
+      const std::int64_t remaining = cursor - begin;
+      const std::int64_t chunk = remaining >= target_chunk * o.world_size
+                                     ? target_chunk
+                                     : round_up((remaining + o.world_size - 1) / o.world_size, alignment_);
+      buckets_.push_back(Bucket{begin, begin + chunk * o.world_size, chunk, shard_offset});
+      begin += chunk * o.world_size;
+      shard_offset += chunk;
+    }
   }
   total_ = begin;
   shard_size_ = shard_offset;
-  if (!params_.empty()) params_.back().padding += total_ - used;  // tail padding belongs to the last slot
+  // Padding reaches the next parameter's offset; the last slot owns the tail.
+  for (std::size_t k = 0; k < params_.size(); ++k) {
+    const std::int64_t next = k + 1 < params_.size() ? params_[k + 1].offset : total_;
+    params_[k].padding = next - (params_[k].offset + params_[k].numel);
+  }
 }
 
 std::pair<int, std::int64_t> FlatPlan::owner(std::int64_t flat_index) const {

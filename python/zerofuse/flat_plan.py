@@ -36,11 +36,16 @@ class FlatPlan:
     contiguous for reduce-scatter/all-gather and every rank's shard has the same
     size.
 
+    `unit_sizes` (counts of consecutive parameters, summing to their number)
+    marks runs no bucket spans: each unit starts a new bucket, so gathering a
+    unit's buckets gathers exactly its parameters (ZeRO-3 gathers one module
+    at a time). Empty: one unit of all parameters.
+
     Attributes (all in elements): ``total``, ``shard_size``, ``alignment``,
     ``params`` (list of ParamSlot), ``buckets`` (list of Bucket).
     """
 
-    def __init__(self, numels, *, world_size=1, element_size=2, alignment_bytes=256, bucket_bytes=500_000_000):
+    def __init__(self, numels, *, world_size=1, element_size=2, alignment_bytes=256, bucket_bytes=500_000_000, unit_sizes=()):
         for name, value in (
             ("world_size", world_size),
             ("element_size", element_size),
@@ -50,12 +55,14 @@ class FlatPlan:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"FlatPlan: '{name}' must be an int, got {type(value).__name__}")
         numels = [int(n) for n in numels]
+        unit_sizes = [int(n) for n in unit_sizes]
         self._plan = _C.FlatPlan(
             numels,
             world_size=world_size,
             element_size=element_size,
             alignment_bytes=alignment_bytes,
             bucket_bytes=bucket_bytes,
+            unit_sizes=unit_sizes,
         )
         # Cached: the plan never changes, and callers read these in loops.
         self.world_size = self._plan.world_size

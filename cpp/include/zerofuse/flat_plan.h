@@ -25,6 +25,10 @@ struct FlatPlanOptions {
   std::int64_t element_size = 2;        // bytes per element of the flat buffer
   std::int64_t alignment_bytes = 256;   // every param offset and chunk is a multiple
   std::int64_t bucket_bytes = 500'000'000;  // target bucket size (all ranks together)
+  // Consecutive runs of parameters (counts, summing to the number of
+  // parameters) that no bucket spans: ZeRO-3 gathers a module's parameters
+  // as whole buckets. Empty: one run of all parameters.
+  std::vector<std::int64_t> unit_sizes;
 };
 
 struct ParamSlot {
