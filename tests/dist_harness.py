@@ -44,7 +44,7 @@ def gather_master(engine):
     """Every trainable parameter's fp32 master value, assembled from all ranks' shards."""
     state = engine.optimizer.state_dict()
     names = state["param_names"]
-    shapes = {name: p.shape for name, p in engine.optimizer.named_trainable_parameters()}
+    shapes = {name: getattr(p, "ds_shape", p.shape) for name, p in engine.optimizer.named_trainable_parameters()}
     mine = (state["slices"], state["master"])
     everyone = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -51,7 +51,11 @@ def test_inconsistent_batch_triple_shows_the_arithmetic():
     "extra,match",
     [
         ({"train_batchsize": 4}, r"config\['train_batchsize'\]: unknown key"),
-        ({"zero_optimization": {"stage": 3}}, r"ZeRO stage 3 is not supported by zerofuse \(allowed: 0, 1, 2\)"),
+        ({"zero_optimization": {"stage": 4}}, r"\['stage'\]: must be one of 0, 1, 2, 3, got 4"),
+        ({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 10, "max_live_parameters": 20}},
+         r"\['max_live_parameters'\]: is also given as stage3_max_live_parameters with another value"),
+        ({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": -1}},
+         r"\['stage3_param_persistence_threshold'\]: must be >= 0"),
         ({"zero_optimization": {"stage": "2"}}, r"config\['zero_optimization'\]\['stage'\]: must be an integer"),
         ({"zero_optimization": {"overlap_com": True}}, r"\['overlap_com'\]: unknown key"),
         ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, "ZeRO-Infinity .NVMe offload. is not"),
@@ -104,6 +108,22 @@ def test_keys_without_effect_for_zero12_are_accepted_and_listed():
     assert "config['zero_optimization']['allgather_partitions']" in c.inert_keys
     assert "config['zero_optimization']['stage3_max_live_parameters']" in c.inert_keys
     assert c.zero_allow_untested_optimizer  # read now: it gates client optimizers under ZeRO
+
+
+def test_stage3_keys_under_both_names():
+    c = parse({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 5e6, "param_persistence_threshold": 7,
+                                     "stage3_max_live_parameters": 3e7, "max_reuse_distance": 0,
+                                     "stage3_gather_16bit_weights_on_model_save": True}})
+    z = c.zero
+    assert (z.stage, z.prefetch_bucket_size, z.param_persistence_threshold, z.max_live_parameters,
+            z.max_reuse_distance, z.gather_16bit_weights_on_model_save) == (3, 5_000_000, 7, 30_000_000, 0, True)
+    assert not c.inert_keys
+    # DeepSpeed's defaults.
+    z = parse({"zero_optimization": {"stage": 3}}).zero
+    assert (z.prefetch_bucket_size, z.param_persistence_threshold, z.max_live_parameters, z.max_reuse_distance,
+            z.gather_16bit_weights_on_model_save) == (50_000_000, 100_000, 1_000_000_000, 1_000_000_000, False)
+    assert parse({"zero_optimization": {"stage": 3, "stage3_gather_fp16_weights_on_model_save": True}}
+                 ).zero.gather_16bit_weights_on_model_save
 
 
 def test_use_multi_rank_bucket_allreduce_is_a_known_zero12_key():

@@ -1,4 +1,4 @@
-"""zerofuse: ZeRO-1/2 training for PyTorch models on a compiled C++/CUDA core.
+"""zerofuse: ZeRO-1/2/3 training for PyTorch models on a compiled C++/CUDA core.
 
 The torch-facing parts (`zerofuse.ops`, `zerofuse.nn`, `zerofuse.optim`) load on
 first use, so `import zerofuse` and the core (`zerofuse._C`, the loss scaler,
@@ -17,7 +17,7 @@ from . import _transformers_hook
 # transformers' modeling code is imported (it is not imported here).
 _transformers_hook.install()
 
-_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint", "models", "integrations")
+_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint", "models", "integrations", "zero")
 
 
 def __getattr__(name):
@@ -61,4 +61,5 @@ __all__ = [
     "optim",
     "runtime",
     "checkpoint",
+    "zero",
 ]

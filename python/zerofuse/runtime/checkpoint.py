@@ -59,7 +59,7 @@ def _param_table(engine):
     key that names it (tied weights have several)."""
     trainable = engine.optimizer.named_trainable_parameters()
     index_of = {id(p): i for i, (_, p) in enumerate(trainable)}
-    table = [{"name": name, "shape": list(p.shape), "keys": []} for name, p in trainable]
+    table = [{"name": name, "shape": list(full_shape(p)), "keys": []} for name, p in trainable]
     order = []
     for key, value in engine.module.state_dict(keep_vars=True).items():
         i = index_of.get(id(value))
@@ -70,6 +70,23 @@ def _param_table(engine):
 
 
 # --- save -------------------------------------------------------------------------------------------
+
+
+def full_shape(param):
+    """A parameter's shape, partitioned (ZeRO-3, zero.Init) or not."""
+    return getattr(param, "ds_shape", None) or param.shape
+
+
+def _model_states(engine, exclude_frozen_parameters, clone=False):
+    """The model's state_dict on the CPU, on rank 0 (None elsewhere). ZeRO-3
+    gathers it one module at a time, and every rank must call this."""
+    if engine.partitioned is not None:
+        return engine.partitioned.consolidated_state_dict(keep=engine.placement.is_main,
+                                                          exclude_frozen_parameters=exclude_frozen_parameters)
+    if not engine.placement.is_main:
+        return None
+    state = engine.module_state_dict(exclude_frozen_parameters=exclude_frozen_parameters)
+    return OrderedDict((k, v.detach().cpu().clone() if clone else v.detach().cpu()) for k, v in state.items())
 
 
 def save_checkpoint(engine, save_dir, tag, client_state, save_latest=True, exclude_frozen_parameters=False):
@@ -93,9 +110,8 @@ def save_checkpoint(engine, save_dir, tag, client_state, save_latest=True, exclu
     if opt.partition_world > 1 or rank == 0:
         save_file({k: opt_state[k] for k in tensor_keys}, os.path.join(partial, _shard_name(rank)))
     save_file(rng_state(), os.path.join(partial, _rng_name(rank)))
+    states = _model_states(engine, exclude_frozen_parameters)  # ZeRO-3: every rank takes part
     if rank == 0:
-        states = {k: v.detach().cpu() for k, v in engine.module_state_dict(
-            exclude_frozen_parameters=exclude_frozen_parameters).items()}
         save_file(states, os.path.join(partial, MODEL_STATES))
         if client_tensors:
             save_file({str(i): t for i, t in enumerate(client_tensors)}, os.path.join(partial, CLIENT_TENSORS))
@@ -148,10 +164,9 @@ def save_model_weights(engine, save_dir, filename, exclude_frozen_parameters=Fal
     under a temporary name and renamed."""
     if not filename or os.sep in filename:
         raise ValueError(f"save_16bit_model: 'save_filename' must be a file name, got {filename!r}")
+    state = _model_states(engine, exclude_frozen_parameters, clone=True)  # ZeRO-3: every rank takes part
     if engine.placement.is_main:
         os.makedirs(save_dir, exist_ok=True)
-        state = OrderedDict((k, v.detach().cpu().clone()) for k, v in engine.module_state_dict(
-            exclude_frozen_parameters=exclude_frozen_parameters).items())
         save_file(state, os.path.join(save_dir, filename))
     _barrier(engine)
 
@@ -238,19 +253,23 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
     saved = {p["name"]: p for p in manifest["params"]}
     mine = dict(opt.named_trainable_parameters())
     for name, param in mine.items():
-        if name in saved and list(param.shape) != saved[name]["shape"]:
+        if name in saved and list(full_shape(param)) != saved[name]["shape"]:
             raise CheckpointError(f"{path}: parameter {name!r} has shape {saved[name]['shape']} in the checkpoint "
-                                  f"but {list(param.shape)} in the model")
+                                  f"but {list(full_shape(param))} in the model")
 
     states = load_file(os.path.join(path, MODEL_STATES))
     strict = load_module_strict and not manifest.get("frozen_excluded")
     with torch.no_grad():
         own = engine.module.state_dict()
         cast = {k: v.to(own[k].dtype) if k in own else v for k, v in states.items()}
-        if custom_load_fn is not None:
+        if engine.partitioned is not None:
+            result = engine.load_module_state_dict(cast, strict=False, custom_load_fn=custom_load_fn)
+        elif custom_load_fn is not None:
             custom_load_fn(src=cast, dst=engine.module)
+            result = None
         else:
             result = engine.module.load_state_dict(cast, strict=False)
+        if result is not None:
             if strict and (result.missing_keys or result.unexpected_keys):
                 raise CheckpointError(f"{path}: model state does not fit the model: missing "
                                       f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]} (pass "

@@ -31,6 +31,10 @@ from .optimizer_setup import choose_optimizer
 from .progress import TrainingProgress
 from .schedulers import build_scheduler
 from .step_control import StepControlSettings
+from .comms_log import COMMS_LOG
+from .stage3.init_partition import stop_partitioning
+from .stage3.partitioned_params import PartitionedParameters
+from .stage3.units import plan_units
 from .timers import ThroughputTimer
 from .zero_optimizer import ZeroOptimizer
 
@@ -96,6 +100,10 @@ class Engine(EngineQueries, torch.nn.Module):
             raise ValueError("zerofuse.initialize: every parameter to train must belong to 'model'")
         self._move_model(model, trainable, named)
         self.module = model
+        unit_plan = None
+        if c.zero.stage == 3:
+            unit_plan = plan_units(model, trainable, c.zero.param_persistence_threshold,
+                                   c.zero.model_persistence_threshold)
 
         bucket = min(c.zero.reduce_bucket_size, c.zero.allgather_bucket_size)
         world = self.placement.world_size
@@ -108,7 +116,14 @@ class Engine(EngineQueries, torch.nn.Module):
         self.optimizer = ZeroOptimizer(setup.groups, named, self.placement, stage=c.zero.stage,
                                        model_dtype=self.model_dtype, comm_dtype=comm, bucket_elements=bucket,
                                        overlap_comm=c.zero.overlap_comm, reduce_scatter=c.zero.reduce_scatter,
-                                       step_control=control, update_rule=setup.rule, divide_before=divide_before)
+                                       step_control=control, update_rule=setup.rule, divide_before=divide_before,
+                                       unit_of=unit_plan.unit_of if unit_plan else None)
+        self.partitioned = None  # ZeRO-3's gathering of parameters (stage3/partitioned_params.py)
+        if unit_plan is not None:
+            self.partitioned = PartitionedParameters(self.optimizer, model, unit_plan.keys_of_module, c.zero)
+            self.optimizer.partitioned = self.partitioned
+            self.optimizer.reducer.after_grad = self.partitioned.gradient_arrived
+        COMMS_LOG.configure(**c.comms_logger)
         if setup.client is not None:
             self.optimizer.param_groups = setup.client.param_groups  # schedulers built on the client's keep working
 
@@ -143,6 +158,7 @@ class Engine(EngineQueries, torch.nn.Module):
         with torch.no_grad():
             for p in model.parameters():
                 if id(p) not in trainable:
+                    stop_partitioning(p)  # frozen parameters are kept whole (zero.Init partitioned them)
                     p.data = p.data.to(device, self.model_dtype if p.is_floating_point() else p.dtype)
             for name, buf in list(model.named_buffers()):
                 dtype = self.model_dtype if buf.is_floating_point() else buf.dtype
@@ -261,6 +277,15 @@ class Engine(EngineQueries, torch.nn.Module):
             return self.module(*args, **kwargs)
 
     def module_state_dict(self, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        """The model's state_dict. ZeRO-3: whole parameters, gathered one module
+        at a time, on the CPU (every rank must call it)."""
+        if self.partitioned is not None:
+            state = self.partitioned.consolidated_state_dict(keep=True,
+                                                             exclude_frozen_parameters=exclude_frozen_parameters)
+            out = destination if destination is not None else type(state)()
+            for k, v in state.items():
+                out[prefix + k] = v
+            return out
         state = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
         if exclude_frozen_parameters:
             frozen = {prefix + n for n, p in self.module.named_parameters() if not p.requires_grad}
@@ -270,6 +295,8 @@ class Engine(EngineQueries, torch.nn.Module):
     @torch.no_grad()
     def load_module_state_dict(self, state_dict, strict=True, custom_load_fn=None, fetch_z3_params=False):
         """Load model weights; the optimizer's fp32 masters are refreshed from them."""
+        if self.partitioned is not None:
+            return self._load_partitioned_module_state_dict(state_dict, strict, custom_load_fn)
         if custom_load_fn is not None:
             custom_load_fn(src=state_dict, dst=self.module)
             result = None
@@ -277,6 +304,19 @@ class Engine(EngineQueries, torch.nn.Module):
             result = self.module.load_state_dict(state_dict, strict=strict)
         self.optimizer.refresh_master_from_params()
         return result
+
+    def _load_partitioned_module_state_dict(self, state_dict, strict, custom_load_fn):
+        store = self.partitioned
+        if custom_load_fn is None:
+            return store.load_state_dict(state_dict, strict=strict)
+        units = list(range(len(store.units)))  # the function sees the whole model
+        store.acquire(units)
+        try:
+            custom_load_fn(src=state_dict, dst=self.module)
+            store.keep_changes(units, from_rank=None)  # every rank loaded the same values
+        finally:
+            store.let_go_all(units)
+        return None
 
     # --- backward and step -----------------------------------------------------------------------------
 
@@ -306,6 +346,8 @@ class Engine(EngineQueries, torch.nn.Module):
         reducer = self.optimizer.reducer
         boundary = self.is_gradient_accumulation_boundary() and not self._inside_no_sync
         reducer.begin_backward(boundary=boundary, first_in_window=first)
+        if self.partitioned is not None:
+            self.partitioned.begin_backward()
         self._last_loss = loss.detach()
         factor = self.optimizer.loss_scale_tensor.to(torch.float32)
         if scale_wrt_gas:
@@ -314,6 +356,8 @@ class Engine(EngineQueries, torch.nn.Module):
             (loss.float().reshape(1) * factor).backward(retain_graph=retain_graph)
         finally:
             reducer.end_backward()
+            if self.partitioned is not None:
+                self.partitioned.end_backward()
         return loss
 
     def step(self, lr_kwargs=None):
@@ -329,6 +373,7 @@ class Engine(EngineQueries, torch.nn.Module):
         self._lr_kwargs = lr_kwargs
         self._step_scheduler_for_applied_steps(lr_kwargs)
         self.optimizer.step()
+        COMMS_LOG.end_step()
         if self.device.type != "cuda":  # on the CPU the outcome is known at once; CUDA reads it lazily
             self._step_scheduler_for_applied_steps(lr_kwargs)
         self._after_step()
@@ -374,7 +419,10 @@ class Engine(EngineQueries, torch.nn.Module):
         left to reduce when this is called."""
 
     def empty_partition_cache(self):
-        """Nothing is cached between steps at ZeRO stages 0-2."""
+        """ZeRO-3: release every gathered parameter not in use (those kept
+        for reuse); persistent ones stay. Nothing is cached at stages 0-2."""
+        if self.partitioned is not None:
+            self.partitioned.release_all()
 
     def _step_scheduler_for_applied_steps(self, lr_kwargs=None):
         """DeepSpeed steps the schedule after every applied optimizer step. The
@@ -451,10 +499,26 @@ class Engine(EngineQueries, torch.nn.Module):
     def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False):
         """The model's state_dict in its training dtype, written by rank 0 to
         save_dir/save_filename (created; written to a temporary name and
-        renamed). Returns True."""
+        renamed). Returns True. ZeRO-3, as DeepSpeed: every rank must call it,
+        and it saves only with stage3_gather_16bit_weights_on_model_save
+        (returns False otherwise); parameters are gathered one module at a time."""
         from .checkpoint import save_model_weights
+        if self.partitioned is not None and not self._config.zero.gather_16bit_weights_on_model_save:
+            if self.placement.is_main:
+                print(f"[zerofuse] did not save the model {os.path.join(save_dir, save_filename)} because "
+                      "stage3_gather_16bit_weights_on_model_save is false (as DeepSpeed)", flush=True)
+            return False
         save_model_weights(self, save_dir, save_filename, exclude_frozen_parameters)
         return True
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters=False):
+        """DeepSpeed's (Hugging Face Accelerate calls it): the whole model's
+        state_dict in the training dtype, on the CPU, on rank 0; None on the
+        other ranks. Every rank must call it."""
+        if self.partitioned is None:
+            raise ValueError("this function requires ZeRO-3 mode")
+        return self.partitioned.consolidated_state_dict(keep=self.placement.is_main,
+                                                        exclude_frozen_parameters=exclude_frozen_parameters)
 
     def save_fp16_model(self, save_dir, save_filename="pytorch_model.bin"):
         return self.save_16bit_model(save_dir, save_filename)
@@ -466,6 +530,8 @@ class Engine(EngineQueries, torch.nn.Module):
         buffers of in-flight reductions."""
         self.optimizer.reducer.wait()
         self.optimizer.reducer.remove_hooks()
+        if self.partitioned is not None:
+            self.partitioned.remove()
 
     def _print_config(self):
         c = self._config

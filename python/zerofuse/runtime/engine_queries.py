@@ -106,6 +106,21 @@ class EngineQueries:
     def zero_optimization_partition_weights(self) -> bool:
         return self._config.zero.stage >= 3
 
+    def zero_gather_16bit_weights_on_model_save(self) -> bool:
+        return self._config.zero.gather_16bit_weights_on_model_save
+
+    def zero_prefetch_bucket_size(self) -> int:
+        return self._config.zero.prefetch_bucket_size
+
+    def zero_param_persistence_threshold(self) -> int:
+        return self._config.zero.param_persistence_threshold
+
+    def zero_max_live_parameters(self) -> int:
+        return self._config.zero.max_live_parameters
+
+    def zero_max_reuse_distance(self) -> int:
+        return self._config.zero.max_reuse_distance
+
     def zero_reduce_bucket_size(self) -> int:
         return self._config.zero.reduce_bucket_size
 

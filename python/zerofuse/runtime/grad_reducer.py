@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from . import collectives
+from .comms_log import COMMS_LOG
 
 
 MAX_IN_FLIGHT = 2
@@ -77,6 +78,7 @@ class GradReducer:
         self.active = False
         self.communicate = False
         self.first_in_window = True
+        self.after_grad = None  # ZeRO-3: told each slot whose gradient is in (its unit may go)
         self.hooks = [slot.param.register_post_accumulate_grad_hook(self._hook(i))
                       for i, slot in enumerate(layout.slots)]
 
@@ -147,6 +149,8 @@ class GradReducer:
             self.remaining[b] -= 1
             if self.communicate:
                 self._launch_ready()
+        if self.after_grad is not None:
+            self.after_grad(slot_index)
 
     def _staging(self, b):
         if self.staging[b] is None:
@@ -207,9 +211,12 @@ class GradReducer:
                 src.div_(divides[0])
             op = dist.ReduceOp.AVG if divides is None else dist.ReduceOp.SUM
             whole = hi - lo == src.numel()
+            nbytes = src.numel() * src.element_size()
             if whole or not self.use_reduce_scatter:
+                COMMS_LOG.record("all_reduce", nbytes)
                 work = dist.all_reduce(src, op=op, group=self.placement.group, async_op=True)
             else:
+                COMMS_LOG.record("reduce_scatter", nbytes)
                 work = collectives.reduce_scatter(part, src, op=op, group=self.placement.group, async_op=True)
 
         def finish():

@@ -2,12 +2,15 @@
 
 Parameters are laid out last-to-first (the order backward produces their
 gradients, so buckets fill one after another), grouped by optimizer param
-group, in a FlatPlan. From the plan this module derives, for this rank:
+group, in a FlatPlan. ZeRO-3 also names a unit for each parameter (the module
+that gathers it): a unit's parameters are laid out together and start a new
+bucket, so gathering a unit is gathering its buckets. From the plan this module derives, for this rank:
   - each parameter's flat range and the buckets it touches;
   - "runs": maximal pieces of the rank's shard that belong to one param group
     and one bucket chunk, so one Adam call per group covers them with
     contiguous views (padding inside a run is zero and stays zero).
 """
+import bisect
 from dataclasses import dataclass
 from typing import List
 
@@ -33,6 +36,24 @@ class Slot:
 
 
 @dataclass
+class Unit:
+    """Parameters gathered and released together (ZeRO-3): slots
+    [first_slot, end_slot), flat range [begin, end), buckets [first_bucket, end_bucket)."""
+
+    key: object
+    first_slot: int
+    end_slot: int
+    begin: int
+    end: int
+    first_bucket: int
+    end_bucket: int
+
+    @property
+    def numel(self):
+        return self.end - self.begin
+
+
+@dataclass
 class Run:
     """A piece of this rank's shard: [shard_begin, shard_end) of the shard
     buffers, [flat_begin, flat_end) of the flat buffers, all in one group."""
@@ -49,25 +70,58 @@ class Run:
 
 class FlatLayout:
     def __init__(self, named_params, group_of, partition_world: int, rank: int, element_size: int,
-                 bucket_elements: int):
-        """named_params: [(name, param)] in model order; group_of: param -> group
-        index; partition_world: ranks the shards are split over (1 for ZeRO-0)."""
-        # Group-major, and within a group last-to-first.
-        ordered = sorted(reversed(named_params), key=lambda np_: group_of[id(np_[1])])
-        numels = [p.numel() for _, p in ordered]
+                 bucket_elements: int, unit_of=None):
+        """named_params: [(name, param)] in model order; group_of: param id ->
+        group index; partition_world: ranks the shards are split over (1 for
+        ZeRO-0). ZeRO-3: unit_of: param id -> (unit key, persistent), persistent
+        units placed at the end of their group. A parameter partitioned by
+        zero.Init counts by its ds_numel and ds_shape (it holds no elements)."""
+        # Group-major (persistent units last), and within that last-to-first.
+        unit_of = unit_of or {}
+        ordered = sorted(reversed(named_params),
+                         key=lambda np_: (group_of[id(np_[1])], unit_of.get(id(np_[1]), (None, False))[1]))
+        numels = [getattr(p, "ds_numel", None) or p.numel() for _, p in ordered]
+        keys = [(group_of[id(p)], unit_of.get(id(p), (None, False))[0]) for _, p in ordered]
+        unit_sizes = []
+        for i, key in enumerate(keys):
+            if i == 0 or key != keys[i - 1]:
+                unit_sizes.append(0)
+            unit_sizes[-1] += 1
         self.plan = FlatPlan(numels, world_size=partition_world, element_size=element_size,
-                             alignment_bytes=ALIGNMENT_BYTES, bucket_bytes=bucket_elements * element_size)
+                             alignment_bytes=ALIGNMENT_BYTES, bucket_bytes=bucket_elements * element_size,
+                             unit_sizes=unit_sizes if unit_of else ())
         self.partition_world = partition_world
         self.rank = rank
         self.slots: List[Slot] = []
         for i, (name, p) in enumerate(ordered):
             offset, numel, _ = self.plan.params[i]
             first, last = self.plan.buckets_of_param(i)
-            self.slots.append(Slot(p, name, group_of[id(p)], offset, numel, p.shape, first, last))
+            shape = getattr(p, "ds_shape", None) or p.shape
+            self.slots.append(Slot(p, name, group_of[id(p)], offset, numel, shape, first, last))
         self.total = self.plan.total
         self.shard_size = self.plan.shard_size
         self.buckets = self.plan.buckets  # Bucket(begin, end, chunk, shard_offset)
         self.runs = self._runs()
+        self.units: List[Unit] = self._units(keys, unit_sizes) if unit_of else []
+
+    def _units(self, keys, unit_sizes) -> List[Unit]:
+        begins = [b.begin for b in self.buckets]
+        units, first = [], 0
+        for size in unit_sizes:
+            end_slot = first + size
+            slots = self.slots[first:end_slot]
+            begin = slots[0].offset
+            end = slots[-1].offset + slots[-1].numel
+            if end > begin:
+                first_bucket = bisect.bisect_right(begins, begin) - 1
+                end_bucket = bisect.bisect_left(begins, end)
+                begin, end = self.buckets[first_bucket].begin, self.buckets[end_bucket - 1].end
+            else:  # parameters without elements: nothing to gather
+                first_bucket = end_bucket = bisect.bisect_left(begins, begin)
+                end = begin
+            units.append(Unit(keys[first], first, end_slot, begin, end, first_bucket, end_bucket))
+            first = end_slot
+        return units
 
     def chunk_range(self, bucket: int, rank: int = None):
         """Flat range of `rank`'s (default: this rank's) chunk of a bucket."""

@@ -1,10 +1,12 @@
-"""The engine's optimizer over flat, partitioned buffers: ZeRO stages 0, 1 and 2.
+"""The engine's optimizer over flat, partitioned buffers: ZeRO stages 0-3.
 
 Per rank (Psi parameters, N ranks, ZeRO-1/2; ZeRO-0 keeps everything whole):
   flat_params   model dtype, Psi        what forward and backward see (params are views)
+                ZeRO-3: shard_params, model dtype, Psi/N; parameters are gathered
+                module by module when used (stage3/partitioned_params.py)
   master        fp32, Psi/N             only with fp16/bf16; in fp32 the params are the master
   rule state    fp32, k Psi/N           Adam: exp_avg and exp_avg_sq (k = 2); see update_rules/
-  gradients     ZeRO-0/1: model dtype, Psi (flat_grads); ZeRO-2: Psi/N (shard_grads) + buckets
+  gradients     ZeRO-0/1: model dtype, Psi (flat_grads); ZeRO-2/3: Psi/N (shard_grads) + buckets
 A step: local gradient statistics over this rank's shard, one all-reduce of
 them (ZeRO-1/2), the step decision on the device (skip on inf/NaN, unscale,
 clip, loss scale), the update rule over the master shard (fused Adam: one pass
@@ -16,8 +18,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import torch
 
 from . import collectives
+from .comms_log import COMMS_LOG
 from .grad_reducer import GradReducer
 from .layout import FlatLayout
+from .stage3.init_partition import full_values, stop_partitioning
 from .step_control import StepControl, StepControlSettings
 from .update_rules import AdamRule, TorchOptimizerRule
 
@@ -38,9 +42,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, param_groups: List[dict], named_params, placement, *, stage: int, model_dtype: torch.dtype,
                  comm_dtype: torch.dtype, bucket_elements: int, overlap_comm: bool, reduce_scatter: bool,
                  step_control: StepControlSettings, update_rule: Callable = AdamRule,
-                 divide_before: Optional[float] = None):
+                 divide_before: Optional[float] = None, unit_of=None):
         """update_rule(optimizer) makes the rule that updates the master shard
-        (update_rules/); divide_before: see GradReducer."""
+        (update_rules/); divide_before: see GradReducer; unit_of: ZeRO-3's
+        units (stage3/units.py)."""
         super().__init__(param_groups, {})
         self.placement = placement
         self.stage = stage
@@ -56,33 +61,64 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"zerofuse: parameter {name!r} requires grad but is in no optimizer param group")
         # ZeRO-0: one partition that every rank holds whole.
         self.layout = FlatLayout(named_params, group_of, partition_world, placement.rank if partition_world > 1 else 0,
-                                 torch.empty(0, dtype=model_dtype).element_size(), bucket_elements)
+                                 torch.empty(0, dtype=model_dtype).element_size(), bucket_elements,
+                                 unit_of=unit_of if stage == 3 else None)
         L = self.layout
+        self.flat_params = self.shard_params = self.master = None
+        self.partitioned = None  # ZeRO-3: the PartitionedParameters the engine attaches
+        if stage == 3:
+            self._init_shards()
+        else:
+            self._init_flat()
+        self.flat_grads = torch.zeros(L.total, dtype=model_dtype, device=device) if stage < 2 else None
+        self.shard_grads = torch.zeros(L.shard_size, dtype=model_dtype, device=device) if stage >= 2 else None
 
-        # The parameters' values, fp32, laid out flat; then the model-dtype buffer
-        # the parameters become views of, and (mixed precision) this rank's fp32 master.
-        with torch.no_grad():
-            flat32 = torch.zeros(L.total, dtype=torch.float32, device=device)
-            for slot in L.slots:
-                flat32[slot.offset:slot.offset + slot.numel].copy_(slot.param.detach().reshape(-1))
-            self.flat_params = flat32.to(model_dtype) if self.mixed else flat32
-            self.master = None
-            if self.mixed:
-                self.master = torch.empty(L.shard_size, dtype=torch.float32, device=device)
-                self._copy_own_chunks(flat32, self.master)
-            del flat32
-            for slot in L.slots:
-                slot.param.data = self.flat_params[slot.offset:slot.offset + slot.numel].view(slot.shape)
-                slot.param.grad = None
-            self.flat_grads = torch.zeros(L.total, dtype=model_dtype, device=device) if stage < 2 else None
-            self.shard_grads = torch.zeros(L.shard_size, dtype=model_dtype, device=device) if stage == 2 else None
-
-        self.reducer = GradReducer(L, stage, placement, model_dtype, comm_dtype, overlap_comm, reduce_scatter,
+        self.reducer = GradReducer(L, min(stage, 2), placement, model_dtype, comm_dtype, overlap_comm, reduce_scatter,
                                    self.flat_grads, self.shard_grads, divide_before=divide_before)
 
         self.step_control = StepControl(step_control, device)
         self._build_run_views()
         self.rule = update_rule(self)
+
+    @torch.no_grad()
+    def _init_flat(self):
+        """ZeRO-0/1/2: the parameters' values, fp32, laid out flat; then the
+        model-dtype buffer the parameters become views of, and (mixed
+        precision) this rank's fp32 master."""
+        L, device, model_dtype = self.layout, self.placement.device, self.model_dtype
+        flat32 = torch.zeros(L.total, dtype=torch.float32, device=device)
+        for slot in L.slots:
+            stop_partitioning(slot.param)  # zero.Init's (or an earlier ZeRO-3 engine's): whole again
+            flat32[slot.offset:slot.offset + slot.numel].copy_(slot.param.detach().reshape(-1))
+        self.flat_params = flat32.to(model_dtype) if self.mixed else flat32
+        if self.mixed:
+            self.master = torch.empty(L.shard_size, dtype=torch.float32, device=device)
+            self._copy_own_chunks(flat32, self.master)
+        del flat32
+        for slot in L.slots:
+            slot.param.data = self.flat_params[slot.offset:slot.offset + slot.numel].view(slot.shape)
+            slot.param.grad = None
+
+    @torch.no_grad()
+    def _init_shards(self):
+        """ZeRO-3: only this rank's pieces, taken from each parameter's values
+        one parameter at a time (a parameter zero.Init partitioned is gathered
+        for the copy, so no rank ever holds the whole model)."""
+        L, device = self.layout, self.placement.device
+        self.shard_params = torch.zeros(L.shard_size, dtype=self.model_dtype, device=device)
+        if self.mixed:
+            self.master = torch.zeros(L.shard_size, dtype=torch.float32, device=device)
+        pieces = {}
+        for s in L.plan.shard_slices(L.rank):
+            pieces.setdefault(s.param_index, []).append(s)
+        for i, slot in enumerate(L.slots):
+            values = full_values(slot.param).to(device).reshape(-1)  # every rank takes part (zero.Init gathers)
+            for s in pieces.get(i, ()):
+                piece = values[s.param_begin:s.param_begin + s.length]
+                self.shard_params[s.shard_offset:s.shard_offset + s.length].copy_(piece)
+                if self.mixed:
+                    self.master[s.shard_offset:s.shard_offset + s.length].copy_(piece)
+            slot.param.grad = None
 
     def _copy_own_chunks(self, flat: torch.Tensor, shard: torch.Tensor):
         """This rank's chunk of every bucket of `flat`, into its place in `shard`."""
@@ -105,16 +141,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for r in runs:
                 flat = slice(r.flat_begin, r.flat_end)
                 shard = slice(r.shard_begin, r.shard_end)
-                v["params"].append(self.master[shard] if self.mixed else self.flat_params[flat])
+                v["params"].append(self.master[shard] if self.mixed else self.values(shard, flat))
                 v["grads"].append(grads_flat[flat] if grads_flat is not None else self.shard_grads[shard])
                 if self.mixed:
-                    v["copies"].append(self.flat_params[flat])
+                    v["copies"].append(self.values(shard, flat))
             self.group_views.append(v)
         self.all_grad_views = [g for v in self.group_views for g in v["grads"]]
 
+    def values(self, shard: slice, flat: slice) -> torch.Tensor:
+        """The model-dtype values of a piece this rank owns: at `flat` in the
+        flat buffer (ZeRO-0/1/2), at `shard` in the parameter shard (ZeRO-3)."""
+        return self.shard_params[shard] if self.stage == 3 else self.flat_params[flat]
+
     def master_view(self, lo: int, hi: int) -> torch.Tensor:
         """fp32 master values of shard elements [lo, hi) (with one rank: flat elements)."""
-        return self.master[lo:hi] if self.mixed else self.flat_params[lo:hi]
+        if self.mixed:
+            return self.master[lo:hi]
+        return self.shard_params[lo:hi] if self.stage == 3 else self.flat_params[lo:hi]
 
     @torch.no_grad()
     def write_copies(self):
@@ -144,12 +187,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         control.publish()
 
     def _all_gather_params(self):
-        """Every rank updated its chunk of each bucket; gather the rest (in place)."""
+        """Every rank updated its chunk of each bucket; gather the rest (in place).
+        ZeRO-3: what is gathered is out of date; the persistent parameters are
+        gathered again, the others when next used."""
+        if self.partitioned is not None:
+            self.partitioned.after_step()
+            return
         if self.partition_world == 1:
             return
         works = []
         for b, bucket in enumerate(self.layout.buckets):
             lo, hi = self.layout.chunk_range(b)
+            COMMS_LOG.record("all_gather", (bucket.end - bucket.begin) * self.flat_params.element_size())
             works.append(collectives.all_gather(self.flat_params[bucket.begin:bucket.end], self.flat_params[lo:hi],
                                                 group=self.placement.group, async_op=True))
         for w in works:
@@ -171,20 +220,25 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return self.step_control.loss_scale_tensor
 
     def memory_report(self) -> Dict[str, int]:
-        """Bytes this rank holds for each part of the training state."""
-        el = self.flat_params.element_size()
+        """Bytes this rank holds for each part of the training state. ZeRO-3:
+        "params" is the shard, "gathered_params_peak" the most gathered at
+        once (persistent parameters included)."""
+        el = torch.empty(0, dtype=self.model_dtype).element_size()
         if self.stage < 2:
             grads = self.flat_grads.numel() * el
         else:
             bucket = max((b.end - b.begin for b in self.layout.buckets), default=0)
             comm_el = torch.empty(0, dtype=self.reducer.comm_dtype).element_size()
             grads = self.shard_grads.numel() * el + self.reducer.peak_staging * bucket * comm_el
-        return {
-            "params": self.flat_params.numel() * el,
+        report = {
+            "params": (self.shard_params if self.stage == 3 else self.flat_params).numel() * el,
             "grads": grads,
             "master_params": 0 if self.master is None else self.master.numel() * 4,
             "optimizer_state": sum(t.numel() * t.element_size() for t in self.rule.state_tensors().values()),
         }
+        if self.partitioned is not None:
+            report["gathered_params_peak"] = self.partitioned.peak_gathered_elements * el
+        return report
 
     def zero_grad(self, set_to_none: bool = True):
         """Gradients live in the flat buffers the engine manages; parameters
@@ -224,7 +278,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         rule_state = self.rule.state_tensors()
         values = {"master": [], **{k: [] for k in rule_state}}
         for shard, flat in self._piece_ranges():
-            values["master"].append(self.master[shard] if self.mixed else self.flat_params[flat])
+            values["master"].append(self.master[shard] if self.mixed else self.values(shard, flat))
             for k, t in rule_state.items():
                 values[k].append(t[shard])
         state = {k: (torch.cat(v).float().cpu() if v else torch.zeros(0)) for k, v in values.items()}
@@ -259,7 +313,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             piece = slice(cursor, cursor + (shard.stop - shard.start))
             if self.mixed:
                 self.master[shard].copy_(master[piece])
-            self.flat_params[flat].copy_(master[piece])
+            self.values(shard, flat).copy_(master[piece])
             for k, t in rule_state.items():
                 t[shard] = state[k][piece].to(device)
             cursor = piece.stop
@@ -283,13 +337,34 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """The fp32 masters take the (model-dtype) params' current values --
         after the model's weights were loaded from outside."""
         if self.mixed:
-            self._copy_own_chunks(self.flat_params, self.master)
+            if self.stage == 3:
+                self.master.copy_(self.shard_params)
+            else:
+                self._copy_own_chunks(self.flat_params, self.master)
 
     @torch.no_grad()
     def reset_from_params(self):
         """A fresh optimizer for the current params: master = the params'
         values, fresh rule state, a new step state (load_module_only)."""
-        if self.mixed:
-            self._copy_own_chunks(self.flat_params, self.master)
+        self.refresh_master_from_params()
         self.rule.reset()
         self.step_control.reset()
+
+    @torch.no_grad()
+    def write_param_values(self, slot_index: int, values: torch.Tensor):
+        """ZeRO-3: this rank's pieces of parameter `slot_index` (its optimizer
+        order) and their masters take `values` (the whole parameter, any device
+        and dtype) -- loading weights into partitioned parameters."""
+        values = values.reshape(-1)
+        for s in self._pieces_of(slot_index):
+            piece = values[s.param_begin:s.param_begin + s.length].to(self.shard_params.device)
+            self.shard_params[s.shard_offset:s.shard_offset + s.length].copy_(piece)
+            if self.mixed:
+                self.master[s.shard_offset:s.shard_offset + s.length].copy_(piece)
+
+    def _pieces_of(self, slot_index: int):
+        if not hasattr(self, "_pieces_by_slot"):
+            self._pieces_by_slot = {}
+            for s in self.layout.plan.shard_slices(self.layout.rank):
+                self._pieces_by_slot.setdefault(s.param_index, []).append(s)
+        return self._pieces_by_slot.get(slot_index, ())

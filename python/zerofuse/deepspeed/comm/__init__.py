@@ -219,9 +219,24 @@ def batch_isend_irecv(p2p_op_list, **kwargs):
 
 
 def configure(deepspeed_config=None, enabled=None, prof_all=None, prof_ops=None, verbose=None, debug=None):
-    """DeepSpeed's comms-logger switches: zerofuse keeps no comms log here."""
+    """DeepSpeed's comms-logger switches, for the engine's collectives
+    (zerofuse.runtime.comms_log); a config's comms_logger section sets them too."""
+    from ...runtime.comms_log import COMMS_LOG
+    if deepspeed_config is not None:
+        section = getattr(deepspeed_config, "comms_logger", None) or {}
+        COMMS_LOG.configure(**{k: v for k, v in section.items() if k != "debug"})
+    COMMS_LOG.configure(enabled=enabled, verbose=verbose, prof_all=prof_all, prof_ops=prof_ops)
 
 
 def log_summary(show_straggler=False, return_dict=False):
-    """DeepSpeed's comms-logger summary: nothing is logged, so nothing to show."""
-    return {} if return_dict else None
+    """The engine's collectives so far, by kind: count and bytes (printed by
+    rank 0; returned as a dict with return_dict)."""
+    from ...runtime.comms_log import COMMS_LOG
+    summary = COMMS_LOG.summary()
+    if return_dict:
+        return summary
+    if get_rank() == 0:
+        print("Comm. Op            Count      Total bytes")
+        for kind, entry in summary.items():
+            print(f"{kind:<20}{entry['count']:<11}{entry['bytes']}")
+    return None

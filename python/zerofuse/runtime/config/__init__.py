@@ -16,8 +16,8 @@ from .optimizers import OptimizerConfig, parse_optimizer
 from .sections import (ActivationCheckpointingConfig, AutocastConfig, Fp16Config, MonitorConfig, SchedulerConfig,
                        ZeroConfig, parse_activation_checkpointing, parse_autocast, parse_bf16, parse_fp16,
                        parse_monitor, parse_scheduler, parse_zero)
-from .values import (ConfigError, as_bool, as_float, as_int, as_str, auto_values, check_keys, disabled_only, fail,
-                     path)
+from .values import (ConfigError, as_bool, as_float, as_int, as_section, as_str, auto_values, check_keys,
+                     disabled_only, fail, path)
 
 __all__ = ["Config", "ConfigError", "OptimizerConfig", "load_raw", "parse_config"]
 
@@ -45,6 +45,7 @@ class Config:
     tensorboard: MonitorConfig = field(default_factory=MonitorConfig)
     csv_monitor: MonitorConfig = field(default_factory=MonitorConfig)
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
+    comms_logger: dict = field(default_factory=dict)  # COMMS_LOG.configure's arguments
     inert_keys: List[str] = field(default_factory=list)  # accepted, no effect here
 
     def to_dict(self) -> dict:
@@ -88,7 +89,7 @@ _SECTIONS = {
     "fp16", "bf16", "bfloat16", "torch_autocast", "optimizer", "scheduler", "zero_optimization", "steps_per_print",
     "wall_clock_breakdown", "memory_breakdown", "tensorboard", "csv_monitor", "communication_data_type",
     "prescale_gradients", "gradient_predivide_factor", "dataloader_drop_last", "zero_allow_untested_optimizer",
-    "activation_checkpointing", "sparse_gradients", "data_types", "pipeline",
+    "activation_checkpointing", "sparse_gradients", "data_types", "pipeline", "comms_logger",
 }
 # Accepted and without effect: DeepSpeed ignores them too (cuda_visible_devices,
 # a launcher setting scripts leave in configs), or they tune what zerofuse does
@@ -101,7 +102,7 @@ _INERT = {"zero_force_ds_cpu_optimizer", "dump_state", "checkpoint", "cuda_visib
           "sparse_attention"}
 # DeepSpeed features zerofuse does not have: accepted only when switched off.
 _MUST_BE_OFF = {
-    "flops_profiler": "the flops profiler", "comms_logger": "the comms logger",
+    "flops_profiler": "the flops profiler",
     "wandb": "the wandb monitor (use tensorboard or csv_monitor)",
     "comet": "the comet monitor (use tensorboard or csv_monitor)", "amp": "apex AMP (use torch_autocast, fp16 or bf16)",
     "autotuning": "autotuning", "elasticity": "elastic training", "data_efficiency": "data efficiency",
@@ -225,6 +226,8 @@ def parse_config(config, world_size: int = 1, cpu_engine: bool = True) -> Config
         # DeepSpeed's rule: prescaling divides by the world size; the factor applies only without it.
         inert.append(path(["gradient_predivide_factor"]) + " (prescale_gradients is true)")
         c.gradient_predivide_factor = 1.0
+    if "comms_logger" in raw:
+        c.comms_logger = _parse_comms_logger(raw["comms_logger"])
     for key in ("tensorboard", "csv_monitor"):
         if key in raw:
             setattr(c, key, parse_monitor(raw[key], key))
@@ -242,6 +245,25 @@ def parse_config(config, world_size: int = 1, cpu_engine: bool = True) -> Config
             disabled_only(raw[key], [key], what)
     c.inert_keys = inert
     return c
+
+
+def _parse_comms_logger(raw) -> dict:
+    """DeepSpeed's comms_logger section (runtime/comms_log.py); debug adds
+    the caller's name to DeepSpeed's log lines, which zerofuse's lack."""
+    parts = ["comms_logger"]
+    s = as_section(raw, parts)
+    check_keys(s, parts, {"enabled", "verbose", "prof_all", "debug", "prof_ops"})
+    out = {}
+    for key in ("enabled", "verbose", "prof_all", "debug"):
+        if key in s:
+            out[key] = as_bool(s[key], parts + [key])
+    out.pop("debug", None)
+    if "prof_ops" in s:
+        ops = s["prof_ops"]
+        if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
+            fail(parts + ["prof_ops"], f"must be a list of collective names, got {ops!r}")
+        out["prof_ops"] = list(ops)
+    return out
 
 
 def _check_data_types(raw, c: Config, inert):

@@ -1,5 +1,6 @@
 """The config's sections other than the optimizer: precision, schedule, ZeRO,
 monitors, autocast and activation checkpointing."""
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -171,21 +172,39 @@ class ZeroConfig:
     overlap_comm: bool = False
     reduce_scatter: bool = True
     offload: List[str] = field(default_factory=list)  # offload sections given with device "cpu"
+    # ZeRO-3 (DeepSpeed's names and defaults; counts of elements).
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    model_persistence_threshold: int = sys.maxsize
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
+    gather_16bit_weights_on_model_save: bool = False
+
+
+# ZeRO-3 keys: DeepSpeed accepts each under its stage3_ name and a short alias.
+_STAGE3_INT_KEYS = ("prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold",
+                    "max_live_parameters", "max_reuse_distance")
+_STAGE3_BOOL_KEYS = ("gather_16bit_weights_on_model_save",)
 
 
 _ZERO_KEYS = {"stage", "reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients",
               "reduce_scatter", "offload_optimizer", "offload_param", "cpu_offload", "zero_quantized_weights",
               "zero_quantized_gradients", "zero_quantized_nontrainable_weights", "zero_hpz_partition_size",
-              "legacy_stage1"}
+              "legacy_stage1",
+              *(f"stage3_{k}" for k in _STAGE3_INT_KEYS + _STAGE3_BOOL_KEYS), *_STAGE3_INT_KEYS, *_STAGE3_BOOL_KEYS,
+              "stage3_gather_fp16_weights_on_model_save"}
 _ZERO_INERT = {"allgather_partitions", "round_robin_gradients", "load_from_fp32_weights", "elastic_checkpoint",
                "ignore_unused_parameters", "sub_group_size", "use_multi_rank_bucket_allreduce",
-               "stage3_*",  # ZeRO-3 knobs: inert at stage <= 2
+               # Tuning DeepSpeed's own ZeRO-3 implementation: module_granularity_threshold
+               # groups small modules into one fetch (zerofuse's units are per module
+               # and small parameters persist); the others choose its collectives.
+               "stage3_module_granularity_threshold", "stage3_use_all_reduce_for_fetch_params",
+               "stage3_allgather_sequential",
                "memory_efficient_linear", "zeropp_loco_param", "mics_shard_size", "mics_hierarchical_params_gather",
                "pipeline_loading_checkpoint", "log_trace_cache_warnings", "module_granularity_threshold",
                "override_module_apply", "use_all_reduce_for_fetch_params", "allgather_sequential",
                "save_muon_momentum_buffer_in_memory", "compute_grad_norm", "cpu_offload_params",
-               "cpu_offload_use_pin_memory", "gather_16bit_weights_on_model_save", "param_persistence_threshold",
-               "model_persistence_threshold", "max_live_parameters", "max_reuse_distance", "prefetch_bucket_size"}
+               "cpu_offload_use_pin_memory"}
 
 
 def _offload(value, parts, cpu_engine, inert):
@@ -212,15 +231,30 @@ def parse_zero(raw, inert, cpu_engine: bool) -> ZeroConfig:
     c = ZeroConfig()
     if "stage" in s:
         stage = s["stage"]
-        if is_int(stage) and stage == 3:
-            fail(parts + ["stage"], "ZeRO stage 3 is not supported by zerofuse (allowed: 0, 1, 2)")
-        c.stage = as_int(stage, parts + ["stage"], allowed=(0, 1, 2))
+        c.stage = as_int(stage, parts + ["stage"], allowed=(0, 1, 2, 3))
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         if key in s:
             setattr(c, key, as_int(s[key], parts + [key], minimum=1))
     for key in ("overlap_comm", "reduce_scatter"):
         if key in s:
             setattr(c, key, as_bool(s[key], parts + [key]))
+    for key in _STAGE3_INT_KEYS + _STAGE3_BOOL_KEYS:
+        given = [k for k in (f"stage3_{key}", key) if k in s]
+        if len(given) == 2 and s[given[0]] != s[given[1]]:
+            fail(parts + [given[1]], f"is also given as {given[0]} with another value ({s[given[0]]!r})")
+        if given:
+            value = s[given[0]]
+            parsed = as_bool(value, parts + [given[0]]) if key in _STAGE3_BOOL_KEYS else \
+                as_int(value, parts + [given[0]], minimum=0)
+            setattr(c, key, parsed)
+    if "stage3_gather_fp16_weights_on_model_save" in s:  # DeepSpeed's older name
+        if as_bool(s["stage3_gather_fp16_weights_on_model_save"], parts + ["stage3_gather_fp16_weights_on_model_save"]):
+            c.gather_16bit_weights_on_model_save = True
+    if c.stage < 3:
+        for key in _STAGE3_INT_KEYS + _STAGE3_BOOL_KEYS:
+            for k in (f"stage3_{key}", key):
+                if k in s:
+                    inert.append(path(parts + [k]))  # a ZeRO-3 setting at stage <= 2
     if "contiguous_gradients" in s:
         # Gradients always go straight into zerofuse's flat buffers (what
         # DeepSpeed's option turns on), so either value changes nothing.
