@@ -166,6 +166,8 @@ PRESENT = [
     "comm.broadcast", "comm.all_gather", "comm.is_initialized", "comm.init_distributed", "comm.ReduceOp",
     "comm.reduce_scatter_tensor", "comm.all_gather_into_tensor", "comm.new_group", "comm.send", "comm.recv",
     "ops.adam.FusedAdam", "ops.adam.DeepSpeedCPUAdam", "ops.lamb.FusedLamb",
+    "zero.Init", "zero.GatheredParameters", "zero.register_external_parameter", "zero.unregister_external_parameter",
+    "zero.ZeroParamStatus", "zero.ZeroParamType", "runtime.zero.partition_parameters.ZeroParamStatus",
     "utils.logger", "utils.RepeatingLoader", "utils.log_dist",
     "checkpointing.checkpoint", "checkpointing.configure", "checkpointing.is_configured", "checkpointing.reset",
     "checkpointing.get_cuda_rng_tracker", "checkpointing.model_parallel_cuda_manual_seed",
@@ -175,7 +177,8 @@ PRESENT = [
     "runtime.activation_checkpointing.checkpointing.checkpoint",
 ]
 REFUSED_AT_USE = ["moe.layer.MoE", "init_inference", "DeepSpeedTransformerLayer", "inference.engine.InferenceEngine",
-                  "compression.compress.init_compression", "DeepSpeedHybridEngine"]
+                  "compression.compress.init_compression", "DeepSpeedHybridEngine", "zero.TiledLinear",
+                  "zero.MiCS_Init"]
 ENGINE_METHODS = [
     "backward", "step", "train_batch", "save_checkpoint", "load_checkpoint", "module_state_dict",
     "load_module_state_dict", "save_16bit_model", "save_fp16_model", "fp16_enabled", "bfloat16_enabled",
@@ -205,6 +208,14 @@ def test_deepspeed_names_zerofuse_lacks_are_refused_when_used(name):
     thing = _resolve(name)
     with pytest.raises(NotSupported, match=f"{name.split('.')[-1]}: .* is not supported by zerofuse"):
         thing()
+
+
+def test_deepspeed_zero_is_zerofuses_zero3():
+    import zerofuse.zero
+    assert deepspeed.zero is deepspeed.runtime.zero  # one module under both of DeepSpeed's paths
+    assert deepspeed.zero.Init is zerofuse.zero.Init
+    assert deepspeed.zero.GatheredParameters is zerofuse.zero.GatheredParameters
+    assert deepspeed.zero.ZeroParamStatus.NOT_AVAILABLE is zerofuse.zero.ZeroParamStatus.NOT_AVAILABLE
 
 
 @pytest.mark.parametrize("name", ENGINE_METHODS)

@@ -24,6 +24,7 @@ from ._unsupported import NotSupported, unsupported, unsupported_module
 from .accelerator import get_accelerator  # noqa: F401
 from .comm import init_distributed
 from .runtime.activation_checkpointing import checkpointing  # noqa: F401
+from .runtime import zero  # noqa: F401  (deepspeed.zero is deepspeed.runtime.zero, as in DeepSpeed)
 from .runtime.config import DeepSpeedConfig  # noqa: F401
 from .utils import log_dist, logger  # noqa: F401
 
@@ -97,7 +98,6 @@ class OnDevice:
 
 # --- parts of DeepSpeed zerofuse does not have: importable, refused when used --------------------------
 
-zero = unsupported_module("deepspeed.zero", "ZeRO stage 3 (zero.Init, GatheredParameters)")
 pipe = unsupported_module("deepspeed.pipe", "pipeline parallelism (PipelineModule)")
 moe = unsupported_module("deepspeed.moe", "mixture of experts")
 inference = unsupported_module("deepspeed.inference", "DeepSpeed inference")
