@@ -1,6 +1,7 @@
 """Every op refuses a tensor argument on another device, naming it, before any
 kernel runs. A tensor on `meta` beside CPU tensors used to send the call to the
-fake kernel, which returned uninitialised memory instead of raising."""
+fake kernel, which returned uninitialised memory instead of raising. And every
+op honours __torch_function__ before it checks anything, as torch's do."""
 import pytest
 import torch
 
@@ -53,3 +54,34 @@ def test_all_arguments_on_meta_give_the_output_shape(op):
     expected = call(tensors)
     out = call({n: t.to("meta") for n, t in tensors.items()})
     assert out.device.type == "meta" and out.shape == expected.shape and out.dtype == expected.dtype
+
+
+class Intercepting(torch.Tensor):
+    """A tensor subclass that sees every call first: records which zerofuse op
+    reached it, then runs the op on plain tensors (as ZeRO-3's released
+    parameters do after gathering the values)."""
+
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", "").startswith("zerofuse.ops"):
+            cls.seen.append(func.__name__)
+            plain = [a.as_subclass(torch.Tensor) if isinstance(a, cls) else a for a in args]
+            return func(*plain, **{k: v.as_subclass(torch.Tensor) if isinstance(v, cls) else v
+                                   for k, v in kwargs.items()})
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("op,name", [(op, name) for op, tensors, _ in CASES for name in tensors])
+def test_a_tensor_subclass_sees_the_op_before_its_checks(op, name):
+    _, tensors, call = next(c for c in CASES if c[0] == op)
+    expected = call(tensors)
+    # An empty stand-in would fail the shape checks unless the subclass sees the call first.
+    Intercepting.seen.clear()
+    wrapped = dict(tensors, **{name: tensors[name].as_subclass(Intercepting)})
+    out = call(wrapped)
+    assert Intercepting.seen[:1] == [op.split("(")[0]], Intercepting.seen
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), expected, rtol=0, atol=0)

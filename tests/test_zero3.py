@@ -188,6 +188,63 @@ def test_reused_unused_and_externally_read_parameters():
     assert externals == 1  # the embedding, found on first access and gathered with the model's own since
 
 
+def _fused_gpt():
+    from zerofuse.models import GPT, GPTConfig
+    torch.manual_seed(11)
+    return GPT(GPTConfig(vocab_size=67, block_size=16, n_layer=2, n_head=3, n_embd=48, fused=True))
+
+
+def _gpt_batch(step, rows):
+    data = torch.randint(0, 67, (rows, 13), generator=torch.Generator().manual_seed(40 + step))
+    return data[:, :-1], data[:, 1:]
+
+
+def _train_fused_gpt(rank, world, stage):
+    zero = dict(PARTITION_ALL, stage=3) if stage == 3 else {"stage": stage}
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
+              "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
+              "zero_optimization": dict(zero, reduce_bucket_size=500)}
+    engine = make_engine(_fused_gpt(), config)
+    losses = []
+    for step in range(3):
+        tokens, targets = _gpt_batch(step, 2 * world)
+        loss = engine(tokens[2 * rank:2 * rank + 2], targets[2 * rank:2 * rank + 2])
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses, gather_master(engine)
+
+
+def test_zerofuse_gpt_whose_fused_loss_reads_the_tied_head_outside_its_module():
+    # GPT.forward passes lm_head.weight (tied to wte) to linear_cross_entropy
+    # itself: the op must see the gathered weight, and its gradient must reach
+    # the shard, not fail the op's shape check on the empty parameter.
+    losses, master = run_world(3, _train_fused_gpt, 3)
+    model = _fused_gpt()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ref = []
+    for step in range(3):
+        opt.zero_grad()
+        loss = model(*_gpt_batch(step, 6))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ref.append(loss.item())
+    assert losses == pytest.approx(ref, rel=1e-5)
+    # Through the updates: the key bias has no gradient but rounding, which Adam
+    # makes whole steps of; ZeRO-2 on the same model is the yardstick.
+    final = {n: p.detach() for n, p in model.named_parameters()}
+    stage2_losses, stage2_master = run_world(3, _train_fused_gpt, 2)
+    errors = {2: update_error(stage2_master, final, initial), 3: update_error(master, final, initial)}
+    print("update error from one process by stage:", errors)
+    assert stage2_losses == pytest.approx(ref, rel=1e-5)
+    assert errors[3] < max(2 * errors[2], 2e-5), errors
+
+
 # --- evaluation and generation ----------------------------------------------------------------------------------
 
 

@@ -7,7 +7,10 @@ generic wrappers cost more per call than a small kernel takes
 (bench/op_overhead.py measures it). torch.library.opcheck checks that the
 result is still a complete op: schema, fake kernel, autograd registration.
 """
+import functools
+
 import torch
+from torch.overrides import handle_torch_function, has_torch_function
 
 LIBRARY = torch.library.Library("zerofuse", "DEF")
 
@@ -75,3 +78,20 @@ def stream_of(tensor: torch.Tensor):
     if tensor.is_cuda:
         return torch.cuda.current_stream(tensor.device).cuda_stream
     return None
+
+
+def honours_torch_function(fn):
+    """A public op that takes part in the __torch_function__ protocol as
+    torch's own functions do: when an argument is a tensor subclass that
+    overrides it, the subclass sees the call first, before any argument is
+    checked. ZeRO-3's released parameters rely on it: one read outside its
+    module's forward (a tied LM head passed to linear_cross_entropy) is
+    gathered there instead of reaching the checks as an empty tensor."""
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        relevant = args + tuple(kwargs.values()) if kwargs else args
+        if has_torch_function(relevant):
+            return handle_torch_function(op, relevant, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return op

@@ -3,7 +3,7 @@ sum = x + residual and LayerNorm(sum) -- in one pass forward and one backward.""
 import torch
 
 from .. import _C
-from ._library import check_same_device, define, stream_of
+from ._library import check_same_device, define, honours_torch_function, stream_of
 from .layer_norm import _as_rows, _check, _stats_dtype
 
 
@@ -96,6 +96,7 @@ add_layer_norm_op = define(
 )
 
 
+@honours_torch_function
 def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
     """(LayerNorm(x + residual), x + residual): the sum is rounded to x's dtype
     and normalised as it is stored, as the unfused two steps would."""

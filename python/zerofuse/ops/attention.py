@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import _C
-from ._library import check_same_device, define, stream_of
+from ._library import check_same_device, define, honours_torch_function, stream_of
 from .masked_softmax import masked_softmax
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -156,6 +156,7 @@ def _attention_with_mask(q, k, v, attn_mask, key_padding_mask, causal, scale):
     return torch.matmul(probs, v).to(dtype)
 
 
+@honours_torch_function
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

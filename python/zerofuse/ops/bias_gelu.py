@@ -2,7 +2,7 @@
 import torch
 
 from .. import _C
-from ._library import check_same_device, define, stream_of
+from ._library import check_same_device, define, honours_torch_function, stream_of
 
 _APPROXIMATIONS = ("none", "tanh")
 
@@ -63,6 +63,7 @@ def _backward(ctx, grad):
 bias_gelu_op = define("bias_gelu(Tensor x, Tensor bias, str approximate) -> Tensor", _impl, _fake, _backward, _setup)
 
 
+@honours_torch_function
 def bias_gelu(x, bias, approximate="tanh"):
     """torch.nn.functional.gelu(x + bias, approximate=...) with the add fused in:
     one read of x per pass; bias may be x's dtype or float32."""

@@ -6,7 +6,7 @@ import math
 import torch
 
 from .. import _C
-from ._library import check_same_device, define, stream_of
+from ._library import check_same_device, define, honours_torch_function, stream_of
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -116,6 +116,7 @@ cross_entropy_op = define(
 )
 
 
+@honours_torch_function
 def cross_entropy(logits, target, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                   inplace_backward=False):
     """torch.nn.functional.cross_entropy for 2-D logits [N, V] and class targets
@@ -256,6 +257,7 @@ linear_cross_entropy_op = define(
 )
 
 
+@honours_torch_function
 def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
                          chunk_size=None):
     """cross_entropy(hidden @ weight.T + bias, target) for hidden [..., D],

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _C
-from ._library import check_same_device, define, stream_of
+from ._library import check_same_device, define, honours_torch_function, stream_of
 
 
 def _check(input, normalized_shape, weight, bias, op="zerofuse.ops.layer_norm"):
@@ -121,6 +121,7 @@ layer_norm_op = define(
 )
 
 
+@honours_torch_function
 def layer_norm(
     input: torch.Tensor,
     normalized_shape: Sequence[int],

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import _C
-from ._library import check_same_device, define, stream_of
+from ._library import check_same_device, define, honours_torch_function, stream_of
 
 _FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "zerofuse.ops.masked_softmax"
@@ -95,6 +95,7 @@ masked_softmax_op = define(
 )
 
 
+@honours_torch_function
 def masked_softmax(
     x: torch.Tensor, mask: Optional[torch.Tensor] = None, *, scale: float = 1.0, causal: bool = False
 ) -> torch.Tensor:
