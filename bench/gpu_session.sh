@@ -10,7 +10,7 @@
 # steps past it are skipped); each writes its log under $OUT (8 files come back at
 # most: log.txt, gpu-tests.xml and up to 5 results files).
 #
-# ZF_GPU_STEPS picks steps (default: "build tests dev kernels attention fused_ops train"),
+# ZF_GPU_STEPS picks steps (default: "build tests dev kernels attention fused_ops train zero3"),
 # e.g. ZF_GPU_STEPS="build tests" for a correctness-only rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ OUT=${OUT:-/tmp/zerofuse-gpu}
 mkdir -p "$OUT/results"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
-STEPS=${ZF_GPU_STEPS:-build tests dev kernels attention fused_ops train}
+STEPS=${ZF_GPU_STEPS:-build tests dev kernels attention fused_ops train zero3}
 BUDGET=${ZF_GPU_BUDGET:-540}  # seconds for the whole script: inside the device tool's 600 s per call
 start=$SECONDS
 step() { echo; echo "== $1 (t=$((SECONDS - start)) s)"; }
@@ -72,6 +72,9 @@ wants kernels && bench kernels 90
 wants attention && bench attention 60
 wants fused_ops && bench fused_ops 60
 wants train && bench train_gpt2 150 --steps 20
+# One GPU: world size 1, so this is ZeRO-3's own cost (hooks, gather/release
+# into the reused buffer) against ZeRO-2 and FSDP2 on GPT-2 124M in bf16.
+wants zero3 && bench zero3 90 --device cuda --world 1 --model 124m --steps 10 --warmup 3 --rounds 1
 
 step "done"
 ls -l "$OUT" "$OUT/results"
