@@ -1,6 +1,7 @@
 """`zerofuse train / sample / to-fp32 / env` end to end on the CPU, with a tiny
 model and few steps; bad input gives one line and a non-zero exit."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -153,3 +154,21 @@ def test_a_fresh_run_in_a_directory_without_checkpoints_rewrites_its_metrics(cor
 def test_env_reports_the_build():
     out = zerofuse("env")
     assert out.returncode == 0 and "CPU kernels" in out.stdout
+
+
+def test_bench_train_compares_the_same_model_on_the_same_batches(tmp_path):
+    out = zerofuse("bench", "--train", "--quick", "--out", str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    (name,) = os.listdir(tmp_path)
+    assert name.startswith("cpu-train-L4-C128-T128-B16-")
+    with open(tmp_path / name) as f:
+        record = json.load(f)
+    result = record["results"]
+    (round_,) = result["rounds"]
+    assert round_["zerofuse_tokens_per_s"] > 0 and round_["torch_tokens_per_s"] > 0
+    assert result["ratio_median"] == pytest.approx(round_["zerofuse_tokens_per_s"] / round_["torch_tokens_per_s"],
+                                                   rel=1e-2)
+    # Same initial weights and batches, different kernels in float32: the losses agree after 5 steps.
+    losses = result["final_loss"]
+    assert losses["zerofuse"] == pytest.approx(losses["torch"], rel=1e-3)
+    assert record["zerofuse_commit"] and record["date"]

@@ -3,7 +3,7 @@
     zerofuse launch    run an unmodified DeepSpeed script (the deepspeed launcher's options)
     zerofuse train     train a byte-level GPT on the Python standard library (or --data)
     zerofuse sample    generate text from a training run
-    zerofuse bench     kernel benchmarks against PyTorch
+    zerofuse bench     kernel benchmarks against PyTorch (--train: the training loop end to end)
     zerofuse env       what this build contains and what the machine offers
     zerofuse to-fp32   a checkpoint as one fp32 state_dict file
 """
@@ -43,6 +43,10 @@ def _sample(args) -> int:
 def _bench(args) -> int:
     import torch
 
+    if args.train:  # zerofuse train's model end to end against plain torch (CPU)
+        from ..benchmarks import train_cpu
+        quick = ["--steps", "4", "--warmup", "1", "--rounds", "1"] if args.quick else []
+        return train_cpu.main((["--out", args.out] if args.out else []) + quick) or 0
     argv = (["--out", args.out] if args.out else []) + (["--quick"] if args.quick else [])
     if torch.cuda.is_available():
         from ..benchmarks import kernels
@@ -66,7 +70,7 @@ def _to_fp32(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zerofuse", description="zerofuse: ZeRO-1/2 training on a compiled core")
+    parser = argparse.ArgumentParser(prog="zerofuse", description="zerofuse: ZeRO-1/2/3 training on a compiled core")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a byte-level GPT (default data: the Python standard library)")
@@ -82,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="kernel benchmarks against PyTorch (GPU when there is one)")
     bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     bench.add_argument("--out", help="results directory")
+    bench.add_argument("--train", action="store_true",
+                       help="instead: zerofuse train's model end to end against plain torch on the CPU "
+                            "(bench/train_cpu.py for its options)")
     bench.set_defaults(func=_bench)
 
     env = sub.add_parser("env", help="what this build contains and what it sees (CUDA, torch, CPU)")
