@@ -29,6 +29,9 @@ void bind_runtime(py::module_& m) {
   m.def("cuda_status", &cuda_status);
   m.def("num_threads", &num_threads, "Threads used by the CPU kernels.");
   m.def("set_num_threads", &set_num_threads, arg("threads"), "Set the threads used by the CPU kernels.");
+  m.def("use_loaded_openmp", &use_loaded_openmp,
+        "Run the CPU kernels' parallel work on the OpenMP runtime already loaded (torch's); returns whether found.");
+  m.def("threading_backend", &threading_backend, "'openmp' or 'pool': what runs the CPU kernels' parallel work.");
 
   py::class_<LossScaler>(m, "LossScaler")
       .def_static(

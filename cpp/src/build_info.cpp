@@ -37,6 +37,8 @@ std::string cuda_status() {
 }
 
 int num_threads() { return detail::pool_threads(); }
+bool use_loaded_openmp() { return detail::adopt_loaded_openmp(); }
+std::string threading_backend() { return detail::threading_backend(); }
 void set_num_threads(int threads) { detail::set_pool_threads(threads); }
 
 }  // namespace zerofuse

@@ -1,5 +1,6 @@
 #include "parallel.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
@@ -10,6 +11,7 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -131,9 +133,11 @@ thread_local bool t_inside_job = false;
 
 // After fork() the child has none of the parent's worker threads: forget the
 // pool (its threads do not exist here) and build a new one on first use.
+void forget_openmp_in_child();
 void forget_pool_in_child() {
   g_pool = nullptr;
   new (&g_pool_mutex) std::mutex();
+  forget_openmp_in_child();
 }
 const bool g_atfork_registered = [] {
   pthread_atfork(nullptr, nullptr, forget_pool_in_child);
@@ -148,7 +152,100 @@ ThreadPool& pool() {
   return *g_pool;
 }
 
+// --- the OpenMP runtime already in the process ------------------------------------------------
+//
+// Under PyTorch, torch's own OpenMP team (libgomp) runs its ops; after each
+// one its threads spin for a while waiting for more work. Our own workers,
+// woken for the next zerofuse op, then share cores with those spinning threads
+// and a job that should take 1 ms takes 3-4. So when an OpenMP runtime is
+// loaded in the process (torch's libgomp is, with global symbols), jobs run on
+// its team instead: the threads that are spinning pick the ranges up. Found at
+// run time with dlsym, so the core does not link OpenMP and works without it.
+struct OpenMpRuntime {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel (GCC >= 4.9 ABI)
+  int (*thread_num)() = nullptr;
+  int (*team_size)() = nullptr;
+  int (*in_parallel)() = nullptr;
+  int (*max_threads)() = nullptr;  // the team size the process asked for (torch.set_num_threads sets it)
+  bool usable() const { return parallel && thread_num && team_size && in_parallel && max_threads; }
+};
+
+std::atomic<bool> g_openmp_found{false};
+bool g_openmp_refused_in_child = false;
+OpenMpRuntime g_openmp;
+std::mutex g_openmp_mutex;
+
+bool own_pool_forced() {
+  const char* env = std::getenv("ZEROFUSE_THREADING");
+  return env != nullptr && std::string(env) == "pool";
+}
+
+// After fork() the child has none of the team's threads either, and GNU
+// OpenMP does not rebuild its team in a child: use our own (fresh) pool there.
+void forget_openmp_in_child() {
+  g_openmp_found.store(false);
+  g_openmp_refused_in_child = true;
+}
+
+const OpenMpRuntime* loaded_openmp() {
+  if (g_openmp_found.load(std::memory_order_acquire)) return &g_openmp;
+  return nullptr;
+}
+
+struct OpenMpJob {
+  const std::function<void(std::int64_t, std::int64_t, int)>* fn;
+  std::int64_t n;
+  int ranges;
+  const OpenMpRuntime* rt;
+  std::mutex error_mutex;
+  std::exception_ptr error;
+};
+
+// Team thread `first` of `team` runs ranges first, first + team, ...: the same
+// ranges (so the same results) whatever size of team the runtime gives.
+void run_ranges_of(OpenMpJob& job, int first, int team) {
+  for (int r = first; r < job.ranges; r += team) {
+    const std::int64_t begin = job.n * r / job.ranges, end = job.n * (r + 1) / job.ranges;
+    try {
+      if (begin < end) (*job.fn)(begin, end, r);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(job.error_mutex);
+      if (!job.error) job.error = std::current_exception();
+    }
+  }
+}
+
+void run_openmp_ranges(void* data) {
+  auto& job = *static_cast<OpenMpJob*>(data);
+  t_inside_job = true;  // a nested parallel_for runs its ranges on this thread
+  run_ranges_of(job, job.rt->thread_num(), std::max(1, job.rt->team_size()));
+  t_inside_job = false;
+}
+
+void run_openmp_ranges_inline(OpenMpJob& job) {
+  run_ranges_of(job, 0, 1);
+  t_inside_job = false;
+}
+
 }  // namespace
+
+bool adopt_loaded_openmp() {
+  if (g_openmp_found.load(std::memory_order_acquire)) return true;
+  if (own_pool_forced() || g_openmp_refused_in_child) return false;
+  std::lock_guard<std::mutex> lock(g_openmp_mutex);
+  OpenMpRuntime rt;
+  rt.parallel = reinterpret_cast<decltype(rt.parallel)>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+  rt.thread_num = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
+  rt.team_size = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "omp_get_num_threads"));
+  rt.in_parallel = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "omp_in_parallel"));
+  rt.max_threads = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
+  if (!rt.usable()) return false;
+  g_openmp = rt;
+  g_openmp_found.store(true, std::memory_order_release);
+  return true;
+}
+
+const char* threading_backend() { return loaded_openmp() ? "openmp" : "pool"; }
 
 int pool_threads() {
   pool();
@@ -170,6 +267,22 @@ void parallel_for(std::int64_t n, std::int64_t min_per_range,
                   const std::function<void(std::int64_t, std::int64_t, int)>& fn) {
   const int ranges = parallel_ranges(n, min_per_range);
   if (ranges == 0) return;
+  if (ranges > 1 && !t_inside_job && !ThreadPool::in_worker_) {
+    if (const OpenMpRuntime* rt = loaded_openmp(); rt && !rt->in_parallel()) {
+      // As many threads as the ranges, but no more than the process gave
+      // OpenMP (one in torch's DataLoader workers): then they run here, in order.
+      OpenMpJob job{&fn, n, ranges, rt, {}, nullptr};
+      const int team = std::min(ranges, std::max(1, rt->max_threads()));
+      if (team > 1) {
+        rt->parallel(run_openmp_ranges, &job, unsigned(team), 0);
+      } else {
+        t_inside_job = true;  // what run_openmp_ranges does, on this thread alone
+        run_openmp_ranges_inline(job);
+      }
+      if (job.error) std::rethrow_exception(job.error);
+      return;
+    }
+  }
   ThreadPool& p = pool();
   // Nested or concurrent calls run their ranges one after another on this
   // thread: same ranges, same results, no deadlock.

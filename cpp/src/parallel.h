@@ -20,6 +20,14 @@ void parallel_for(std::int64_t n, std::int64_t min_per_range,
 int parallel_ranges(std::int64_t n, std::int64_t min_per_range);
 
 int pool_threads();
+
+// Run parallel_for's jobs on an OpenMP runtime already loaded in the process
+// (PyTorch's libgomp) rather than on zerofuse's own threads, so the two do not
+// compete for cores. Returns whether one was found (looked up with dlsym; never
+// when ZEROFUSE_THREADING=pool). Called by the Python package once torch is
+// imported; C++ embedders call it after loading their OpenMP runtime.
+bool adopt_loaded_openmp();
+const char* threading_backend();  // "openmp" or "pool"
 void set_pool_threads(int threads);
 
 }  // namespace zerofuse::detail

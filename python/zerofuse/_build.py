@@ -22,6 +22,8 @@ def build_info() -> dict:
         info["torch"] = torch.__version__
         info["torch_cuda"] = torch.version.cuda
         info["torch_cuda_available"] = torch.cuda.is_available()
+        from . import _torch_threads  # noqa: F401  (what the torch-facing parts would use)
+    info["cpu_threading"] = _C.threading_backend()
     return info
 
 
@@ -32,11 +34,14 @@ def cmake_prefix_path() -> str:
     return os.path.dirname(os.path.abspath(_C.__file__))
 
 
+_THREADING = {"openmp": "torch's OpenMP team", "pool": "zerofuse's own pool"}
+
+
 def format_build_info(info: dict) -> str:
     rows = [
         ("zerofuse", info["version"]),
         ("compiler", info["cxx_compiler"]),
-        ("CPU kernels", f"{info['cpu_isa']} (built: {', '.join(info['cpu_isas'])}), {info['cpu_threads']} threads"),
+        ("CPU kernels", f"{info['cpu_isa']} (built: {', '.join(info['cpu_isas'])}), {info['cpu_threads']} threads on {_THREADING[info['cpu_threading']]}"),
         (
             "CUDA kernels",
             f"yes, sm_{info['cuda_archs'].replace(',', ', sm_')} (nvcc {info['cuda_compiler_version']})"

@@ -26,6 +26,13 @@ std::string cuda_status();
 // Threads used by the CPU kernels (default: the processors this process may run
 // on, or ZEROFUSE_NUM_THREADS).
 int num_threads();
+// Run the CPU kernels' parallel work on the OpenMP runtime already loaded in
+// the process (PyTorch's libgomp) instead of zerofuse's own threads, so the two
+// do not compete for cores. Returns whether one was found; without one (or with
+// ZEROFUSE_THREADING=pool) zerofuse keeps its own pool.
+bool use_loaded_openmp();
+// "openmp" or "pool": what runs the CPU kernels' parallel work now.
+std::string threading_backend();
 void set_num_threads(int threads);
 
 }  // namespace zerofuse

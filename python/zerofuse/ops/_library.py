@@ -12,6 +12,8 @@ import functools
 import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
+from .. import _torch_threads  # noqa: F401  (CPU kernels on torch's OpenMP team)
+
 LIBRARY = torch.library.Library("zerofuse", "DEF")
 
 
