@@ -59,3 +59,32 @@ def gather_master(engine):
             out[names[param_index]][first:first + length] = master[cursor:cursor + length]
             cursor += length
     return {n: t.view(shapes[n]) for n, t in out.items()}
+
+
+def rows_of(batch, first, count):
+    """Rows [first, first + count) of a batch: a tuple of tensors or a dict of them."""
+    if isinstance(batch, dict):
+        return {k: v[first:first + count] for k, v in batch.items()}
+    return tuple(t[first:first + count] for t in batch)
+
+
+def train_global_batches(engine, rank, world, make_batch, steps, micro, accum, first_step=0):
+    """Train `steps` optimizer steps, each on make_batch(step, micro * accum *
+    world) split into this rank's micro-batches (micro-batch m of rank r is rows
+    (m * world + r) * micro onwards). Returns each step's mean loss over the
+    global batch (all ranks). A dict batch is passed as keywords and the loss
+    read from the output's .loss (Hugging Face models)."""
+    losses = []
+    for step in range(first_step, first_step + steps):
+        whole = make_batch(step, micro * accum * world)
+        total = torch.zeros(())
+        for m in range(accum):
+            part = rows_of(whole, (m * world + rank) * micro, micro)
+            loss = engine(**part).loss if isinstance(part, dict) else engine(*part)
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / (accum * world))
+    return losses

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import zerofuse
-from dist_harness import gather_master, run_world
+from dist_harness import gather_master, run_world, train_global_batches
 from tiny_gpt import TinyGPT, batch
 from zerofuse.checkpoint import CheckpointError, read_manifest, to_fp32_state_dict
 
@@ -33,20 +33,8 @@ def engine_for(world, stage, seed=0):
 
 
 def train(engine, rank, world, steps, start):
-    losses = []
-    for step in range(start, start + steps):
-        tokens, targets = batch(step, GLOBAL_ROWS)
-        total = torch.zeros(())
-        for micro in range(engine.gradient_accumulation_steps()):
-            first = (micro * world + rank) * MICRO
-            loss = engine(tokens[first:first + MICRO], targets[first:first + MICRO])
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach()
-        if world > 1:
-            torch.distributed.all_reduce(total)
-        losses.append(total.item() / engine.gradient_accumulation_steps() / world)
-    return losses
+    return train_global_batches(engine, rank, world, batch, steps, MICRO, engine.gradient_accumulation_steps(),
+                                first_step=start)
 
 
 def _train_save_continue(rank, world, save_dir):

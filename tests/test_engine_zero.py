@@ -6,10 +6,9 @@ import io
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import zerofuse
-from dist_harness import gather_master, run_world
+from dist_harness import gather_master, run_world, train_global_batches
 from tiny_gpt import TinyGPT, batch
 
 STEPS, MICRO, ACCUM = 4, 2, 2
@@ -47,17 +46,7 @@ def train_all_cases(rank, world):
     for stage, dtype, extra in CASES:
         with contextlib.redirect_stdout(io.StringIO()):
             engine, *_ = zerofuse.initialize(model=TinyGPT(), config=engine_config(stage, dtype, extra))
-        losses = []
-        for step in range(STEPS):
-            total = torch.zeros(())
-            for micro in range(ACCUM):
-                loss = engine(*micro_batch(step, micro, rank, world))
-                engine.backward(loss)
-                engine.step()
-                total += loss.detach().float()
-            if world > 1:
-                dist.all_reduce(total)
-            losses.append(total.item() / (ACCUM * world))
+        losses = train_global_batches(engine, rank, world, batch, STEPS, MICRO, ACCUM)
         assert engine.global_steps == STEPS
         results[(stage, dtype)] = (losses, gather_master(engine), engine.memory_report())
     return results

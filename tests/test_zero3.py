@@ -9,14 +9,13 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import zerofuse
-from dist_harness import gather_master, run_world
-from test_engine_zero import engine_config, micro_batch, reference as tiny_reference
+from dist_harness import gather_master, run_world, train_global_batches
+from test_engine_zero import MICRO, engine_config, micro_batch, reference as tiny_reference
 from tiny_gpt import TinyGPT, batch
-from zero3_models import hf_batch, hf_config, hf_model, make_engine, reference, train_engine
+from zero3_models import adamw_reference, hf_batch, hf_config, hf_model, make_engine, reference
 from zerofuse.checkpoint import to_fp32_state_dict
 from zerofuse.zero import GatheredParameters, ZeroParamStatus
 
@@ -50,17 +49,7 @@ def _train_tiny(rank, world):
     for dtype, zero in TINY_CASES:
         config = engine_config(3, dtype, zero)
         engine = make_engine(TinyGPT(), config)
-        losses = []
-        for step in range(STEPS):
-            total = torch.zeros(())
-            for micro in range(ACCUM):
-                loss = engine(*micro_batch(step, micro, rank, world))
-                engine.backward(loss)
-                engine.step()
-                total += loss.detach().float()
-            if world > 1:
-                dist.all_reduce(total)
-            losses.append(total.item() / (ACCUM * world))
+        losses = train_global_batches(engine, rank, world, batch, STEPS, MICRO, ACCUM)
         # Between steps only persistent parameters are whole.
         sizes = {n: p.numel() for n, p in engine.module.named_parameters()}
         out.append((losses, gather_master(engine), sizes))
@@ -86,7 +75,7 @@ def _train_hf(rank, world, kinds, dtype, zero, steps, stage=3):
     out = {}
     for kind in kinds:
         engine = make_engine(hf_model(kind), hf_config(stage, dtype, **zero))
-        out[kind] = (train_engine(engine, rank, world, steps, 2, ACCUM), gather_master(engine))
+        out[kind] = (train_global_batches(engine, rank, world, hf_batch, steps, 2, ACCUM), gather_master(engine))
     return out
 
 
@@ -155,35 +144,18 @@ def _train_unusual(rank, world):
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0}},
               "zero_optimization": dict(PARTITION_ALL, stage=3, reduce_bucket_size=300)}
     engine = make_engine(Unusual(), config)
-    losses = []
-    for step in range(3):
-        tokens, targets = unusual_batch(step, 2 * world)
-        loss = engine(tokens[2 * rank:2 * rank + 2], targets[2 * rank:2 * rank + 2])
-        engine.backward(loss)
-        engine.step()
-        total = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / world)
+    losses = train_global_batches(engine, rank, world, unusual_batch, 3, 2, 1)
     external = engine.partitioned.external.get(id(engine.module), [])
     return losses, gather_master(engine), len(external)
 
 
 def test_reused_unused_and_externally_read_parameters():
     losses, master, externals = run_world(3, _train_unusual)
-    model = Unusual()
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    ref = []
-    for step in range(3):
-        opt.zero_grad()
-        loss = model(*unusual_batch(step, 6))
-        loss.backward()
-        opt.step()
-        ref.append(loss.item())
+    initial = {n: p.detach().clone() for n, p in Unusual().named_parameters()}
+    ref, final = adamw_reference(Unusual(), unusual_batch, 3, 6, lr=1e-2, weight_decay=0.0)
     assert losses == pytest.approx(ref, rel=1e-5)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(master[n], p.detach(), rtol=0, atol=1e-5)
+    for n, value in final.items():
+        torch.testing.assert_close(master[n], value, rtol=0, atol=1e-5)
     torch.testing.assert_close(master["unused.weight"], initial["unused.weight"])  # zero gradient, no decay
     assert externals == 1  # the embedding, found on first access and gathered with the model's own since
 
@@ -205,17 +177,7 @@ def _train_fused_gpt(rank, world, stage):
               "gradient_clipping": 1.0, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
               "zero_optimization": dict(zero, reduce_bucket_size=500)}
     engine = make_engine(_fused_gpt(), config)
-    losses = []
-    for step in range(3):
-        tokens, targets = _gpt_batch(step, 2 * world)
-        loss = engine(tokens[2 * rank:2 * rank + 2], targets[2 * rank:2 * rank + 2])
-        engine.backward(loss)
-        engine.step()
-        total = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / world)
-    return losses, gather_master(engine)
+    return train_global_batches(engine, rank, world, _gpt_batch, 3, 2, 1), gather_master(engine)
 
 
 def test_zerofuse_gpt_whose_fused_loss_reads_the_tied_head_outside_its_module():
@@ -223,21 +185,11 @@ def test_zerofuse_gpt_whose_fused_loss_reads_the_tied_head_outside_its_module():
     # itself: the op must see the gathered weight, and its gradient must reach
     # the shard, not fail the op's shape check on the empty parameter.
     losses, master = run_world(3, _train_fused_gpt, 3)
-    model = _fused_gpt()
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    ref = []
-    for step in range(3):
-        opt.zero_grad()
-        loss = model(*_gpt_batch(step, 6))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ref.append(loss.item())
+    initial = {n: p.detach().clone() for n, p in _fused_gpt().named_parameters()}
+    ref, final = adamw_reference(_fused_gpt(), _gpt_batch, 3, 6, clip=1.0, lr=1e-2, weight_decay=0.1)
     assert losses == pytest.approx(ref, rel=1e-5)
     # Through the updates: the key bias has no gradient but rounding, which Adam
     # makes whole steps of; ZeRO-2 on the same model is the yardstick.
-    final = {n: p.detach() for n, p in model.named_parameters()}
     stage2_losses, stage2_master = run_world(3, _train_fused_gpt, 2)
     errors = {2: update_error(stage2_master, final, initial), 3: update_error(master, final, initial)}
     print("update error from one process by stage:", errors)
@@ -347,21 +299,8 @@ def _ckpt_config(stage):
 
 
 def _ckpt_train(engine, rank, world, steps, start):
-    """Mean loss over the global batch of each step (all ranks)."""
-    losses = []
-    for step in range(start, start + steps):
-        tokens, targets = batch(step, CKPT_ROWS)
-        total = torch.zeros(())
-        for micro in range(engine.gradient_accumulation_steps()):
-            first = (micro * world + rank) * CKPT_MICRO
-            loss = engine(tokens[first:first + CKPT_MICRO], targets[first:first + CKPT_MICRO])
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach().float()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / engine.gradient_accumulation_steps() / world)
-    return losses
+    return train_global_batches(engine, rank, world, batch, steps, CKPT_MICRO,
+                                engine.gradient_accumulation_steps(), first_step=start)
 
 
 def _save_then_continue(rank, world, save_dir, stage):
@@ -461,7 +400,7 @@ def _memory(rank, world):
     model = hf_model("llama")
     psi = sum(p.numel() for p in model.parameters())
     engine = make_engine(model, hf_config(3, "bf16", **PARTITION_ALL))
-    train_engine(engine, rank, world, 1, 2, 1)
+    train_global_batches(engine, rank, world, hf_batch, 1, 2, 1)
     gc.collect()
     after = _storage_bytes()
     return psi, engine.memory_report(), after - before
@@ -489,15 +428,48 @@ def _traffic(rank, world, stage):
     engine = make_engine(hf_model("gpt2"), config)
     from zerofuse.runtime.comms_log import COMMS_LOG
     COMMS_LOG.reset()
-    train_engine(engine, rank, world, 2, 2, 1)
-    return COMMS_LOG.steps
+    train_global_batches(engine, rank, world, hf_batch, 2, 2, 1)
+    from zerofuse.deepspeed import comm
+    return COMMS_LOG.steps, comm.log_summary(return_dict=True)
 
 
 def test_stage3_moves_at_most_one_and_a_half_times_stage2s_bytes():
-    per_step = {stage: run_world(2, _traffic, stage) for stage in (2, 3)}
+    logged = {stage: run_world(2, _traffic, stage) for stage in (2, 3)}
+    per_step = {stage: steps for stage, (steps, _) in logged.items()}
+    for stage, (steps, summary) in logged.items():  # deepspeed.comm.log_summary: the steps' totals
+        assert {k: v["bytes"] for k, v in summary.items()} == \
+               {k: sum(step.get(k, 0) for step in steps) for k in summary}, stage
     for s2, s3 in zip(per_step[2], per_step[3]):
         ratio = sum(s3.values()) / sum(s2.values())
         # The ZeRO paper's 3 Psi (gather forward, gather backward, reduce-scatter)
         # against ZeRO-2's 2 Psi; stage 3 pads each unit to a multiple of the world size.
         assert 1.45 < ratio <= 1.55, (s2, s3)
         assert set(s3) == {"all_gather", "reduce_scatter"}
+
+
+# --- the limits: stage3_max_live_parameters and stage3_model_persistence_threshold ------------------------------
+
+
+def _train_with_limits(rank, world, zero):
+    engine = make_engine(TinyGPT(), engine_config(3, "fp32", zero))
+    losses = train_global_batches(engine, rank, world, batch, 2, MICRO, ACCUM)
+    store = engine.optimizer.partitioned
+    whole = sum(p.numel() for p in engine.module.parameters())  # between steps: the persistent ones only
+    return losses, store.peak_gathered_elements, max(u.numel for u in store.units), whole
+
+
+def test_max_live_parameters_bounds_the_gathered_peak_and_persistence_the_whole_total():
+    unlimited = dict(PARTITION_ALL, stage3_prefetch_bucket_size=10 ** 6)
+    losses, peak, largest, _ = run_world(2, _train_with_limits, unlimited)
+    limit = 2 * largest
+    assert peak > limit  # without the limit, prefetching gathers more than two units at once
+    bounded_losses, bounded_peak, _, _ = run_world(2, _train_with_limits, dict(unlimited, stage3_max_live_parameters=limit))
+    # A soft bound, as DeepSpeed's: units in use are never dropped, so one more may be live.
+    assert bounded_peak <= limit + largest
+    assert bounded_losses == pytest.approx(losses, rel=1e-6)
+    # Small parameters persist only up to the model-wide total.
+    _, _, _, whole_all = run_world(2, _train_with_limits, {"stage3_param_persistence_threshold": 10 ** 6})
+    _, _, _, whole_capped = run_world(2, _train_with_limits, {"stage3_param_persistence_threshold": 10 ** 6,
+                                                              "stage3_model_persistence_threshold": 3000})
+    assert whole_all == sum(p.numel() for p in TinyGPT().parameters())
+    assert 0 < whole_capped <= 3000

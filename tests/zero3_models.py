@@ -5,7 +5,6 @@ import contextlib
 import io
 
 import torch
-import torch.distributed as dist
 
 import zerofuse
 
@@ -48,44 +47,30 @@ def hf_config(stage, dtype="fp32", micro=2, accum=2, **zero):
     }
 
 
-def rows_of(batch, first, count):
-    return {k: v[first:first + count] for k, v in batch.items()}
-
-
-def train_engine(engine, rank, world, steps, micro, accum, make_batch=hf_batch):
-    """Mean loss of each optimizer step over the global batch (all ranks)."""
-    losses = []
-    for step in range(steps):
-        whole = make_batch(step, micro * accum * world)
-        total = torch.zeros(())
-        for m in range(accum):
-            out = engine(**rows_of(whole, (m * world + rank) * micro, micro))
-            engine.backward(out.loss)
-            engine.step()
-            total += out.loss.detach().float()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(total.item() / (accum * world))
-    return losses
-
-
 def make_engine(model, config, **kwargs):
     with contextlib.redirect_stdout(io.StringIO()):
         engine, *_ = zerofuse.initialize(model=model, config=config, **kwargs)
     return engine
 
 
-def reference(kind, steps, rows, make_batch=hf_batch):
-    """torch.optim.AdamW on the plain model over each step's whole batch.
-    Returns (losses, final parameters by name)."""
-    model = hf_model(kind)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=(0.9, 0.99))
+def adamw_reference(model, make_batch, steps, rows, clip=None, **adamw):
+    """torch.optim.AdamW on the plain model over each step's whole batch (a
+    tuple passed positionally, or a Hugging Face dict). Returns (losses, final
+    parameters by name)."""
+    opt = torch.optim.AdamW(model.parameters(), **adamw)
     losses = []
     for step in range(steps):
         opt.zero_grad()
-        loss = model(**make_batch(step, rows)).loss
+        batch = make_batch(step, rows)
+        loss = model(**batch).loss if isinstance(batch, dict) else model(*batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         losses.append(loss.item())
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def reference(kind, steps, rows):
+    """The one-process reference for hf_model(kind) trained on hf_batch."""
+    return adamw_reference(hf_model(kind), hf_batch, steps, rows, clip=CLIP, lr=LR, weight_decay=WD, betas=(0.9, 0.99))
