@@ -85,6 +85,18 @@ def timed_training(data, warmup, step):
     return time.perf_counter() - start, [float(loss) for loss in losses]
 
 
+def engine_step(engine):
+    """step(x, y) -> loss for a zerofuse (or DeepSpeed) engine: forward,
+    backward, and the optimizer at the accumulation boundary."""
+    def step(x, y):
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    return step
+
+
 def _synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

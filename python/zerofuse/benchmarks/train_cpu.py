@@ -25,7 +25,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from .common import write_results
+from .common import engine_step, write_results
+from .train_peers import plain_step
 
 LR, BETAS, WD = 3e-3, (0.9, 0.95), 0.1
 
@@ -57,28 +58,13 @@ def _zerofuse_step(settings):
     with contextlib.redirect_stdout(io.StringIO()):
         engine, *_ = zerofuse.initialize(model=model, model_parameters=model.param_groups(WD), config=config)
 
-    def step(x, y):
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        return loss
-
-    return step
+    return engine_step(engine)
 
 
 def _torch_step(settings):
     model = _model(settings, fused=False)
     opt = torch.optim.AdamW(model.param_groups(WD), lr=LR, betas=BETAS, fused=True)
-
-    def step(x, y):
-        loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+    return plain_step(model, model, opt)
 
 
 def _worker(_, which, settings, result_path):

@@ -17,7 +17,7 @@ import zerofuse
 from zerofuse.models import GPT, GPTConfig
 
 from . import train_peers
-from .common import timed_training, write_results
+from .common import engine_step, timed_training, write_results
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -38,13 +38,7 @@ def run_engine(config, data, warmup):
             "optimizer": {"type": "AdamW", "params": {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8}},
             "zero_optimization": {"stage": 1}})
 
-    def step(x, y):
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        return loss
-
-    return timed_training(data, warmup, step)
+    return timed_training(data, warmup, engine_step(engine))
 
 
 def run_torch(config, data, warmup, compile_model=False):

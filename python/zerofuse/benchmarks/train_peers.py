@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from zerofuse.models import GPT, GPTConfig
 
-from .common import timed_training
+from .common import engine_step, timed_training
 
 
 def ensure_process_group(device):
@@ -99,10 +99,4 @@ def run_deepspeed(config, data, warmup):
             "steps_per_print": 10**9, "bf16": {"enabled": True}, "zero_optimization": {"stage": 1},
             "optimizer": {"type": "AdamW", "params": {"lr": 6e-4, "betas": [0.9, 0.95], "eps": 1e-8}}})
 
-    def step(x, y):
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        return loss
-
-    return timed_training(data, warmup, step)
+    return timed_training(data, warmup, engine_step(engine))

@@ -28,7 +28,8 @@ import torch.multiprocessing as mp
 
 from zerofuse.models import GPT, GPTConfig
 
-from .common import write_results
+from .common import engine_step, write_results
+from .train_peers import plain_step
 
 MODELS = {  # name: (GPTConfig arguments, micro-batch rows, sequence length)
     "small": (dict(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128), 8, 128),
@@ -74,7 +75,7 @@ def _step_times(step, data):
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return times, losses
 
 
@@ -88,14 +89,8 @@ def _run_zerofuse(name, model_args, micro, data, dtype):
     with contextlib.redirect_stdout(io.StringIO()):
         engine, *_ = zerofuse.initialize(model=model, config=zerofuse_config(stage, dtype, micro, zero))
 
-    def step(x, y):
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        return loss
-
     COMMS_LOG.reset()
-    times, losses = _step_times(step, data)
+    times, losses = _step_times(engine_step(engine), data)
     per_step = COMMS_LOG.steps[-1] if COMMS_LOG.steps else {}
     report = engine.optimizer.memory_report()
     engine.destroy()
@@ -114,15 +109,7 @@ def _run_fsdp2(model_args, micro, data, dtype):
     fully_shard(model, mp_policy=policy)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
 
-    def step(x, y):
-        loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    times, losses = _step_times(step, data)
+    times, losses = _step_times(plain_step(model, model, opt), data)
     return times, losses, None, None
 
 
