@@ -222,11 +222,6 @@ void run_openmp_ranges(void* data) {
   t_inside_job = false;
 }
 
-void run_openmp_ranges_inline(OpenMpJob& job) {
-  run_ranges_of(job, 0, 1);
-  t_inside_job = false;
-}
-
 }  // namespace
 
 bool adopt_loaded_openmp() {
@@ -273,12 +268,10 @@ void parallel_for(std::int64_t n, std::int64_t min_per_range,
       // OpenMP (one in torch's DataLoader workers): then they run here, in order.
       OpenMpJob job{&fn, n, ranges, rt, {}, nullptr};
       const int team = std::min(ranges, std::max(1, rt->max_threads()));
-      if (team > 1) {
+      if (team > 1)
         rt->parallel(run_openmp_ranges, &job, unsigned(team), 0);
-      } else {
-        t_inside_job = true;  // what run_openmp_ranges does, on this thread alone
-        run_openmp_ranges_inline(job);
-      }
+      else
+        run_ranges_of(job, 0, 1);
       if (job.error) std::rethrow_exception(job.error);
       return;
     }
