@@ -88,3 +88,21 @@ def train_global_batches(engine, rank, world, make_batch, steps, micro, accum, f
             dist.all_reduce(total)
         losses.append(total.item() / (accum * world))
     return losses
+
+
+def _entry_unsynchronised(rank, world, port, fn, args, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), ZEROFUSE_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.save(fn(rank, world, *args), os.path.join(result_dir, f"{rank}.pt"))
+    os._exit(0)  # no barrier or teardown: the ranks' connections may be broken on purpose
+
+
+def run_world_unsynchronised(world: int, fn, *args):
+    """fn(rank, world, *args) in `world` processes that end without meeting
+    again (for tests that break the connections between ranks); returns every
+    rank's return value."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry_unsynchronised, args=(world, free_port(), fn, args, tmp), nprocs=world, join=True)
+        return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world)]

@@ -125,6 +125,26 @@ def test_torchrun_two_processes_match_one_process(corpus, tmp_path):
     assert b == pytest.approx(a, rel=1e-4)  # ZeRO-2 over 2 ranks, same global batch
 
 
+def test_torchrun_pipeline_stages_match_one_process(corpus, tmp_path):
+    steps = ["--steps", "12", "--micro-batches", "2", *TINY]
+    one = str(tmp_path / "one")
+    assert zerofuse("train", "--data", corpus, "--out", one, *steps).returncode == 0
+    two = str(tmp_path / "two")
+    env = dict(os.environ, ZEROFUSE_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "zerofuse", "train", "--data", corpus,
+                          "--out", two, "--pipeline-stages", "2", *steps], capture_output=True, text=True, env=env,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 pipeline stages x 1 data-parallel, 2 micro-batches" in out.stdout
+    for column in ("train_loss", "val_loss"):
+        a = [float(r[column]) for r in read_metrics(one) if r[column]]
+        b = [float(r[column]) for r in read_metrics(two) if r[column]]
+        assert len(b) == len(a) > 2 and b == pytest.approx(a, rel=1e-4), column
+    sample = zerofuse("sample", "--run", two, "--prompt", "the ", "--tokens", "20")
+    assert sample.returncode == 0 and sample.stdout.startswith("the "), sample.stderr[-2000:]
+
+
 def test_torchrun_config_error_is_one_line_and_exit_2_on_every_rank(tmp_path):
     bad = tmp_path / "ds.json"
     bad.write_text('{"train_micro_batch_size_per_gpu": 2, "zero_optimisation": {"stage": 2}}')

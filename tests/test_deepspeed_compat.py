@@ -39,6 +39,19 @@ def test_image_classifier_example_at_world_size_2():
     assert lines(out, "accuracy")[0].endswith("after 32 steps")  # 256 images / 16 per step x 2 epochs
 
 
+def test_pipeline_example_trains_the_same_at_one_and_two_stages():
+    # DeepSpeed's pipeline example shape: PipelineModule over a layer list
+    # (with a lambda), training_data given to initialize, engine.train_batch().
+    runs = []
+    for stages in (1, 2):
+        out = zerofuse_launch("--num_gpus", str(stages), os.path.join(EXAMPLES, "pipeline_classifier.py"), "-p",
+                              str(stages), "--deepspeed_config", os.path.join(EXAMPLES, "ds_config_pipe.json"))
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        runs.append([float(line.split()[-1]) for line in lines(out, "step ")])
+    assert len(runs[0]) == 4 and runs[0][-1] < runs[0][0]  # it learns
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+
+
 def test_bert_example_resumes_from_its_client_state_checkpoint(tmp_path):
     config = os.path.join(EXAMPLES, "ds_config_bert.json")
     script = os.path.join(EXAMPLES, "bert_mlm.py")
@@ -175,6 +188,9 @@ PRESENT = [
     "runtime.lr_schedules.OneCycle", "runtime.lr_schedules.LRRangeTest", "runtime.lr_schedules.VALID_LR_SCHEDULES",
     "runtime.dataloader.RepeatingLoader", "runtime.engine.DeepSpeedEngine", "runtime.utils.see_memory_usage",
     "runtime.activation_checkpointing.checkpointing.checkpoint",
+    "pipe.PipelineModule", "pipe.LayerSpec", "pipe.TiedLayerSpec", "pipe.ProcessTopology", "PipelineModule",
+    "PipelineEngine", "runtime.pipe.module.PipelineModule", "runtime.pipe.topology.PipeModelDataParallelTopology",
+    "runtime.pipe.topology.PipeDataParallelTopology", "runtime.pipe.engine.PipelineEngine",
 ]
 REFUSED_AT_USE = ["moe.layer.MoE", "init_inference", "DeepSpeedTransformerLayer", "inference.engine.InferenceEngine",
                   "compression.compress.init_compression", "DeepSpeedHybridEngine", "zero.TiledLinear",

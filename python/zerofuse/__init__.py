@@ -17,7 +17,7 @@ from . import _transformers_hook
 # transformers' modeling code is imported (it is not imported here).
 _transformers_hook.install()
 
-_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint", "models", "integrations", "zero")
+_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint", "models", "integrations", "zero", "pipe")
 
 
 def __getattr__(name):
@@ -62,4 +62,5 @@ __all__ = [
     "runtime",
     "checkpoint",
     "zero",
+    "pipe",
 ]

@@ -7,6 +7,7 @@ import torch
 
 from ..checkpoint import to_fp32_state_dict
 from ..models import GPT, GPTConfig
+from ..models.gpt_pipe import gpt_state_dict
 
 
 class SampleError(ValueError):
@@ -31,7 +32,10 @@ def run(args) -> int:
     if args.tokens < 1 or args.temperature <= 0 or args.top_k < 1:
         raise SampleError("--tokens and --top-k must be >= 1 and --temperature > 0")
     model = GPT(model_config)
-    model.load_state_dict(to_fp32_state_dict(os.path.join(args.run, "checkpoints")))
+    state = to_fp32_state_dict(os.path.join(args.run, "checkpoints"))
+    if "wte.weight" not in state:  # trained with --pipeline-stages: the pipeline's layer names
+        state = gpt_state_dict(state, model_config.n_layer)
+    model.load_state_dict(state)
     model.eval()
     prompt = args.prompt.encode("utf-8") or b"\n"
     idx = torch.tensor([list(prompt)], dtype=torch.long)

@@ -55,6 +55,12 @@ def add_arguments(p):
     p.add_argument("--eval-every", type=int, help="steps between validation losses (and checkpoints)")
     p.add_argument("--eval-batches", type=int, default=8, help="batches per validation loss (default 8)")
     p.add_argument("--seed", type=int, default=1337)
+    g = p.add_argument_group("pipeline parallelism (under torchrun)")
+    g.add_argument("--pipeline-stages", type=int, default=1,
+                   help="split the model into this many pipeline stages (must divide the number of processes; "
+                        "the rest is data parallel)")
+    g.add_argument("--micro-batches", type=int,
+                   help="micro-batches per step through the pipeline (default: 2 x --pipeline-stages)")
 
 
 def _settings(args, device):
@@ -69,17 +75,32 @@ def _settings(args, device):
         raise TrainError(f"--lr must be a positive number, got {s['lr']}")
     if args.eval_batches < 1:
         raise TrainError(f"--eval-batches must be >= 1, got {args.eval_batches}")
+    if args.pipeline_stages < 1:
+        raise TrainError(f"--pipeline-stages must be >= 1, got {args.pipeline_stages}")
+    if args.micro_batches is not None and args.micro_batches < 1:
+        raise TrainError(f"--micro-batches must be >= 1, got {args.micro_batches}")
     return s
 
 
-def _engine_config(args, s, world, device):
+def _layout(args, world):
+    """(pipeline stages, data-parallel ranks, micro-batches per step per rank)."""
+    stages = args.pipeline_stages
+    if world % stages:
+        raise TrainError(f"--pipeline-stages ({stages}) must divide the number of processes ({world})")
+    micro = args.micro_batches or (2 * stages if stages > 1 else 1)
+    return stages, world // stages, micro
+
+
+def _engine_config(args, s, layout, device):
     if args.config:
         return load_raw(args.config)
-    if s["batch_size"] % world:
-        raise TrainError(f"--batch-size ({s['batch_size']}) must be divisible by the number of processes ({world})")
+    stages, dp, micro = layout
+    if s["batch_size"] % (dp * micro):
+        raise TrainError(f"--batch-size ({s['batch_size']}) must be divisible by the data-parallel processes "
+                         f"({dp}) x micro-batches ({micro})")
     return {
         "train_batch_size": s["batch_size"],
-        "train_micro_batch_size_per_gpu": s["batch_size"] // world,
+        "train_micro_batch_size_per_gpu": s["batch_size"] // (dp * micro),
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,  # the progress bar reports instead
         "bf16": {"enabled": device.type == "cuda" and torch.cuda.is_bf16_supported()},
@@ -87,7 +108,9 @@ def _engine_config(args, s, world, device):
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": s["steps"], "warmup_num_steps": max(2, s["steps"] // 20), "warmup_type": "linear",
             "cos_min_ratio": 0.1}},
-        "zero_optimization": {"stage": 2, "overlap_comm": True},
+        # A pipeline's tied embedding and head sum their gradients across stages before the
+        # data-parallel reduction, which ZeRO-2 would do during backward: stage 1 there.
+        "zero_optimization": {"stage": 2 if stages == 1 else 1, "overlap_comm": True},
     }
 
 
@@ -122,7 +145,13 @@ class _Metrics:
             self.tensorboard.close()
 
 
+def _rows(batch, first, count):
+    return tuple(t[first:first + count] for t in batch)
+
+
 def _validation_loss(engine, val, s, args, rank, world):
+    if getattr(engine, "grid", None) is not None:
+        return _pipeline_validation_loss(engine, val, s, args)
     engine.eval()
     total = torch.zeros((), device=engine.device)
     rows = max(1, s["batch_size"] // world)
@@ -135,6 +164,36 @@ def _validation_loss(engine, val, s, args, rank, world):
         dist.all_reduce(total)
     engine.train()
     return total.item() / (args.eval_batches * world)
+
+
+def _pipeline_validation_loss(engine, val, s, args):
+    """The same fixed batches as without a pipeline, each split across the data-parallel ranks."""
+    dp, d = engine.grid.data_parallel_size, engine.grid.data_parallel_id
+    rows = max(1, s["batch_size"] // dp)
+    total = 0.0
+    for i in range(args.eval_batches):
+        batch = sample_batch(val, rows * dp, s["context"], args.seed + 1, i)
+        total += engine.eval_batch(iter([_rows(batch, d * rows, rows)]), num_micro_batches=1).item()
+    return total / args.eval_batches
+
+
+def _pipeline_step(engine, x, y, mbs):
+    """One optimizer step through the pipeline: this data-parallel rank's micro-batches of the global batch."""
+    dp, d = engine.grid.data_parallel_size, engine.grid.data_parallel_id
+    micro = [_rows((x, y), (m * dp + d) * mbs, mbs) for m in range(engine.gradient_accumulation_steps())]
+    return engine.train_batch(iter(micro)).item()
+
+
+def _model(model_config, args, stages):
+    """zerofuse's GPT, as a pipeline of `stages` stages when more than one, and its param groups."""
+    model = GPT(model_config)
+    if stages == 1:
+        return model, model.param_groups(0.1)
+    from ..models.gpt_pipe import gpt_pipeline
+    pipe = gpt_pipeline(model, stages)
+    decay = [p for p in pipe.parameters() if p.dim() >= 2]
+    rest = [p for p in pipe.parameters() if p.dim() < 2]
+    return pipe, [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
 
 
 def run(args) -> int:
@@ -155,15 +214,17 @@ def run(args) -> int:
     train, val, description = load_corpus(args.data)
     model_config = GPTConfig(vocab_size=256, block_size=s["context"], n_layer=s["layers"], n_head=s["heads"],
                              n_embd=s["width"])
+    layout = _layout(args, world)
     torch.manual_seed(args.seed)
-    model = GPT(model_config)
-    engine_config = _engine_config(args, s, world, device)
-    import zerofuse
-
     quiet = contextlib.redirect_stdout(io.StringIO()) if not main else contextlib.nullcontext()
     with quiet:
-        engine, _, _, _ = zerofuse.initialize(model=model, model_parameters=model.param_groups(0.1),
-                                              config=engine_config)
+        model, groups = _model(model_config, args, layout[0])
+    engine_config = _engine_config(args, s, layout, device)
+    import zerofuse
+
+    with quiet:
+        engine, _, _, _ = zerofuse.initialize(model=model, model_parameters=groups, config=engine_config)
+    pipelined = getattr(engine, "grid", None) is not None
     if main:
         os.makedirs(run_dir, exist_ok=True)
     start = 0
@@ -174,12 +235,16 @@ def run(args) -> int:
     steps = s["steps"]
     if main:
         config_record = {"engine": engine._config.to_dict(), "model": asdict(model_config), "data": description,
-                         "world_size": world, "device": str(device), "settings": s, "seed": args.seed}
+                         "world_size": world, "pipeline_stages": layout[0], "device": str(device), "settings": s,
+                         "seed": args.seed}
         tmp = os.path.join(run_dir, "config.json.tmp")
         with open(tmp, "w") as f:
             json.dump(config_record, f, indent=2)
         os.replace(tmp, os.path.join(run_dir, "config.json"))
         print(f"[zerofuse train] {model_config.num_params():,} parameters, data: {description}", flush=True)
+        if pipelined:
+            print(f"[zerofuse train] {layout[0]} pipeline stages x {layout[1]} data-parallel, {layout[2]} "
+                  f"micro-batches per step (ideal bubble {engine.expected_bubble_fraction():.0%})", flush=True)
         print(f"[zerofuse train] run directory: {run_dir}", flush=True)
 
     if start >= steps:
@@ -203,16 +268,19 @@ def run(args) -> int:
     tick = time.perf_counter()
     for step in range(start, steps):
         x, y = sample_batch(train, gbs, context, args.seed, step)
-        total = torch.zeros((), device=device)
-        for micro in range(gas):
-            rows = slice((micro * world + rank) * mbs, (micro * world + rank + 1) * mbs)
-            loss = engine(x[rows], y[rows])
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach().float()
-        if world > 1:
-            dist.all_reduce(total)
-        train_loss = total.item() / (gas * world)
+        if pipelined:
+            train_loss = _pipeline_step(engine, x, y, mbs)
+        else:
+            total = torch.zeros((), device=device)
+            for micro in range(gas):
+                rows = slice((micro * world + rank) * mbs, (micro * world + rank + 1) * mbs)
+                loss = engine(x[rows], y[rows])
+                engine.backward(loss)
+                engine.step()
+                total += loss.detach().float()
+            if world > 1:
+                dist.all_reduce(total)
+            train_loss = total.item() / (gas * world)
         now = time.perf_counter()
         tokens_per_s = tokens_per_step / max(now - tick, 1e-9)
         tick = now

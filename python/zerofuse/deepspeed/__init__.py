@@ -19,7 +19,8 @@ from ..runtime.config import ConfigError as DeepSpeedConfigError
 from ..runtime.dataloader import DeepSpeedDataLoader, RepeatingLoader  # noqa: F401
 from ..runtime.engine import Engine as DeepSpeedEngine
 from ..runtime.initialize import config_from
-from . import accelerator, comm, ops, runtime, utils  # noqa: F401
+from . import accelerator, comm, ops, pipe, runtime, utils  # noqa: F401
+from ..pipe import PipelineEngine, PipelineModule
 from ._unsupported import NotSupported, unsupported, unsupported_module
 from .accelerator import get_accelerator  # noqa: F401
 from .comm import init_distributed
@@ -51,7 +52,8 @@ def initialize(args=None, model: torch.nn.Module = None, optimizer=None, model_p
         raise NotSupported("deepspeed.initialize: mesh_param (sequence-parallel device meshes) is not supported by "
                            "zerofuse")
     init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
-    engine = DeepSpeedEngine(model, config_from(config, config_params, args), model_parameters, optimizer,
+    kind = PipelineEngine if isinstance(model, PipelineModule) else DeepSpeedEngine
+    engine = kind(model, config_from(config, config_params, args), model_parameters, optimizer,
                              lr_scheduler, training_data, None, collate_fn, mpu=mpu)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
@@ -98,14 +100,11 @@ class OnDevice:
 
 # --- parts of DeepSpeed zerofuse does not have: importable, refused when used --------------------------
 
-pipe = unsupported_module("deepspeed.pipe", "pipeline parallelism (PipelineModule)")
 moe = unsupported_module("deepspeed.moe", "mixture of experts")
 inference = unsupported_module("deepspeed.inference", "DeepSpeed inference")
 compression = unsupported_module("deepspeed.compression", "compression training")
 init_inference = unsupported("deepspeed.init_inference", "DeepSpeed inference")
 tp_model_init = unsupported("deepspeed.tp_model_init", "tensor parallelism (AutoTP)")
-PipelineModule = unsupported("deepspeed.PipelineModule", "pipeline parallelism")
-PipelineEngine = unsupported("deepspeed.PipelineEngine", "pipeline parallelism")
 DeepSpeedHybridEngine = unsupported("deepspeed.DeepSpeedHybridEngine", "the RLHF hybrid engine")
 InferenceEngine = unsupported("deepspeed.InferenceEngine", "DeepSpeed inference")
 DeepSpeedTransformerLayer = unsupported("deepspeed.DeepSpeedTransformerLayer", "DeepSpeed's fused transformer layer")

@@ -25,7 +25,6 @@ import warnings
 from collections import OrderedDict
 
 import torch
-import torch.distributed as dist
 
 from .._version import __version__
 from . import client_state as client_codec
@@ -50,8 +49,8 @@ def _rng_name(rank):
 
 
 def _barrier(engine):
-    if engine.placement.group is not None:
-        dist.barrier(group=engine.placement.group)
+    """Every rank that writes or reads this checkpoint (the pipeline engine: all stages)."""
+    engine._checkpoint_barrier()
 
 
 def _param_table(engine):
@@ -91,18 +90,9 @@ def _model_states(engine, exclude_frozen_parameters, clone=False):
 
 def save_checkpoint(engine, save_dir, tag, client_state, save_latest=True, exclude_frozen_parameters=False):
     client_json, client_tensors = client_codec.encode(client_state)
-    tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
-    if not tag or "/" in tag or tag.startswith("."):
-        raise ValueError(f"save_checkpoint: 'tag' must be a plain directory name, got {tag!r}")
     opt = engine.optimizer
     rank, world = engine.placement.rank, engine.placement.world_size
-    final = os.path.join(save_dir, tag)
-    partial = os.path.join(save_dir, f".{tag}.partial")
-    if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # a save that died earlier
-        os.makedirs(partial)
-    _barrier(engine)
+    tag, final, partial = begin_save(engine, save_dir, tag, rank == 0)
 
     # Each rank: its optimizer pieces (ZeRO-0 ranks hold the same state: rank 0 writes it) and RNG.
     opt_state = opt.state_dict()
@@ -119,14 +109,28 @@ def save_checkpoint(engine, save_dir, tag, client_state, save_latest=True, exclu
 
     if rank == 0:
         table, order = _param_table(engine)
-        manifest = {
+        manifest = common_manifest(engine, tag, opt_state, client_json, client_tensors)
+        manifest.update({
+            "world_size": world,
+            "shard_files": [_shard_name(r) for r in range(world if opt.partition_world > 1 else 1)],
+            "rng_files": [_rng_name(r) for r in range(world)],
+            "params": table,
+            "state_dict_keys": order,
+            "frozen_excluded": bool(exclude_frozen_parameters),
+        })
+        publish(save_dir, tag, partial, manifest, save_latest)
+    _barrier(engine)
+    return final
+
+
+def common_manifest(engine, tag, opt_state, client_json, client_tensors) -> dict:
+    """The manifest entries every checkpoint has, whatever its layout (the
+    layout's own -- files, parameter table, key order -- are added by the caller)."""
+    return {
             "format_version": FORMAT_VERSION,
             "zerofuse_version": __version__,
             "tag": tag,
-            "world_size": world,
             "zero_stage": engine.zero_optimization_stage(),
-            "shard_files": [_shard_name(r) for r in range(world if opt.partition_world > 1 else 1)],
-            "rng_files": [_rng_name(r) for r in range(world)],
             "model_dtype": str(engine.model_dtype).replace("torch.", ""),
             "config": engine._config.to_dict(),
             "global_steps": engine.global_steps,
@@ -139,24 +143,39 @@ def save_checkpoint(engine, save_dir, tag, client_state, save_latest=True, exclu
             "optimizer_param_groups": opt_state["param_groups"],
             "optimizer_scalar_state": opt_state["scalar_state"],
             "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-            "params": table,
-            "state_dict_keys": order,
-            "frozen_excluded": bool(exclude_frozen_parameters),
             "client_state": client_json,
             "client_tensors": CLIENT_TENSORS if client_tensors else None,
-        }
-        write_text(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1))
-        # Swap the complete directory in, then point `latest` at it.
-        old = os.path.join(save_dir, f".{tag}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
-        if save_latest:
-            write_text(os.path.join(save_dir, "latest"), tag)
+    }
+
+
+def publish(save_dir, tag, partial, manifest, save_latest):
+    """Write the manifest into the complete `partial` directory, swap it in
+    as `tag`, then point `latest` at it (rank 0, after every rank wrote its files)."""
+    final = os.path.join(save_dir, tag)
+    write_text(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1))
+    old = os.path.join(save_dir, f".{tag}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+    if save_latest:
+        write_text(os.path.join(save_dir, "latest"), tag)
+
+
+def begin_save(engine, save_dir, tag, creates: bool):
+    """(tag, final directory, partial directory): the directory every rank
+    writes into, made fresh by the rank that `creates` it."""
+    tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+    if not tag or "/" in tag or tag.startswith("."):
+        raise ValueError(f"save_checkpoint: 'tag' must be a plain directory name, got {tag!r}")
+    partial = os.path.join(save_dir, f".{tag}.partial")
+    if creates:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # a save that died earlier
+        os.makedirs(partial)
     _barrier(engine)
-    return final
+    return tag, os.path.join(save_dir, tag), partial
 
 
 def save_model_weights(engine, save_dir, filename, exclude_frozen_parameters=False):
@@ -210,6 +229,20 @@ def read_manifest(load_dir, tag=None):
     return path, manifest
 
 
+def read_model_states(path, manifest, mmap=False) -> "OrderedDict[str, torch.Tensor]":
+    """The whole model's state_dict as saved: one file, or (pipeline
+    checkpoints) one file per layer, its keys relative to the layer and the
+    manifest giving each file's key prefix."""
+    layer_files = manifest.get("layer_files")
+    if layer_files is None:
+        return load_file(os.path.join(path, MODEL_STATES), mmap=mmap)
+    out = OrderedDict()
+    for entry in layer_files:
+        for key, value in load_file(os.path.join(path, entry["file"]), mmap=mmap).items():
+            out[entry["prefix"] + key] = value
+    return out
+
+
 def _state_names(manifest):
     return list(manifest.get("state_names", ADAM_STATE))
 
@@ -257,10 +290,12 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
             raise CheckpointError(f"{path}: parameter {name!r} has shape {saved[name]['shape']} in the checkpoint "
                                   f"but {list(full_shape(param))} in the model")
 
-    states = load_file(os.path.join(path, MODEL_STATES))
+    states = read_model_states(path, manifest)
     strict = load_module_strict and not manifest.get("frozen_excluded")
     with torch.no_grad():
         own = engine.module.state_dict()
+        if engine.holds_part_of_model:  # a pipeline stage: the other stages' layers are theirs to load
+            states = OrderedDict((k, v) for k, v in states.items() if k in own)
         cast = {k: v.to(own[k].dtype) if k in own else v for k, v in states.items()}
         if engine.partitioned is not None:
             result = engine.load_module_state_dict(cast, strict=False, custom_load_fn=custom_load_fn)
@@ -278,8 +313,9 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
     if load_module_only or not load_optimizer_states:
         opt.reset_from_params()
     else:
-        if set(saved) != set(mine):
-            missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+        extra = set() if engine.holds_part_of_model else set(saved) - set(mine)
+        if set(mine) - set(saved) or extra:
+            missing, extra = sorted(set(mine) - set(saved)), sorted(extra)
             raise CheckpointError(f"{path}: trainable parameters differ from the model's: missing from the "
                                   f"checkpoint {missing[:5]}, not in the model {extra[:5]} (pass "
                                   "load_optimizer_states=False to load the weights alone)")
@@ -299,7 +335,7 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
             engine.lr_scheduler.load_state_dict(manifest["scheduler"])
         rng_files = manifest["rng_files"]  # none in a checkpoint imported from DeepSpeed
         if rng_files:
-            set_rng_state(load_file(os.path.join(path, rng_files[engine.placement.rank % len(rng_files)])))
+            set_rng_state(load_file(os.path.join(path, rng_files[engine._file_rank % len(rng_files)])))
         engine.monitor.resume(engine.global_samples)
     _barrier(engine)
     return path, _client_state(path, manifest)
@@ -349,7 +385,7 @@ def to_fp32_state_dict(load_dir, tag=None):
     value (and other floating tensors as float32), loadable into the plain
     PyTorch model. Reads the shard files one at a time, memory-mapped."""
     path, manifest = read_manifest(load_dir, tag)
-    states = load_file(os.path.join(path, MODEL_STATES), mmap=True)
+    states = read_model_states(path, manifest, mmap=True)
     params = {p["name"]: torch.empty(p["shape"], dtype=torch.float32) for p in manifest["params"]}
     filled = {name: 0 for name in params}
     for name, first, values in _iter_pieces(path, manifest, ["master"]):
@@ -368,7 +404,7 @@ def to_fp32_state_dict(load_dir, tag=None):
             if key not in states:
                 if manifest.get("frozen_excluded"):
                     continue  # saved with exclude_frozen_parameters
-                raise CheckpointError(f"{path}: {MODEL_STATES} lacks {key!r}")
+                raise CheckpointError(f"{path}: the model states lack {key!r}")
             value = states[key]
             out[key] = value.float() if value.is_floating_point() else value.clone()
     return out

@@ -77,6 +77,28 @@ def _register_exit_handler(destroy: bool):
         atexit.register(_let_communication_threads_finish, destroy)
 
 
+def join_launched_group(device: Optional[torch.device] = None) -> bool:
+    """Start the world process group when launched as one of several
+    processes (torchrun's WORLD_SIZE > 1) and none exists yet: NCCL for CUDA,
+    gloo for the CPU. Returns whether torch.distributed is initialized."""
+    if dist.is_initialized():
+        return True
+    world = _env_int("WORLD_SIZE")
+    if world is None or world <= 1:
+        return False
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} is not set: launch with torchrun")
+    device = device or local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    _register_exit_handler(destroy=True)  # the group is ours to end
+    return True
+
+
 def setup(process_group=None) -> Placement:
     """Join (or start) the data-parallel process group."""
     device = local_device()
@@ -87,18 +109,8 @@ def setup(process_group=None) -> Placement:
             raise ValueError("process_group was given but torch.distributed is not initialized")
         _register_exit_handler(destroy=False)
         return Placement(process_group, dist.get_rank(process_group), dist.get_world_size(process_group), device)
-    if not dist.is_initialized():
-        world = _env_int("WORLD_SIZE")
-        if world is None or world <= 1:
-            return Placement(None, 0, 1, device)
-        missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-        if missing:
-            raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} is not set: launch with torchrun")
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-        _register_exit_handler(destroy=True)  # the group is ours to end
+    if not join_launched_group(device):
+        return Placement(None, 0, 1, device)
     if dist.get_world_size() == 1:
         return Placement(None, 0, 1, device)
     _register_exit_handler(destroy=False)  # no-op when registered above

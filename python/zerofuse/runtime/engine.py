@@ -78,6 +78,8 @@ def _loss_of(output):
 
 
 class Engine(EngineQueries, torch.nn.Module):
+    _PIPELINE = False  # the pipeline engine (zerofuse.pipe) parses the config's pipeline section
+
     def __init__(self, model, config, model_parameters=None, optimizer=None, lr_scheduler=None,
                  training_data=None, process_group=None, collate_fn=None, mpu=None):
         super().__init__()
@@ -87,7 +89,7 @@ class Engine(EngineQueries, torch.nn.Module):
         self.mpu = mpu
         self.config = config  # as given (DeepSpeed keeps it so); the parsed form is self._config
         self._config = parse_config(config, self.placement.world_size,
-                                    cpu_engine=self.placement.device.type == "cpu")
+                                    cpu_engine=self.placement.device.type == "cpu", pipeline=self._PIPELINE)
         c = self._config
         self.model_dtype = torch.float16 if c.fp16.enabled else torch.bfloat16 if c.bf16_enabled else torch.float32
         comm = _LOW_PRECISION[c.communication_data_type] if c.communication_data_type else self.model_dtype
@@ -147,8 +149,8 @@ class Engine(EngineQueries, torch.nn.Module):
         self._boundary_override = None  # set_gradient_accumulation_boundary()
         self._inside_no_sync = False
         self._step_start = time.perf_counter()
-        self.monitor = Monitor(c, self.placement.is_main)
-        if self.placement.is_main:
+        self.monitor = Monitor(c, self._reports)
+        if self._reports:
             self._print_config()
 
     def _move_model(self, model, trainable, named):
@@ -180,6 +182,11 @@ class Engine(EngineQueries, torch.nn.Module):
             raise AttributeError(f"'{type(self).__name__}' object and its model have no attribute '{name}'") from None
 
     # --- where it runs ----------------------------------------------------------------------------
+
+    @property
+    def _reports(self) -> bool:
+        """Whether this rank prints the reports and writes the monitor's files."""
+        return self.placement.is_main
 
     @property
     def device(self) -> torch.device:
@@ -269,6 +276,10 @@ class Engine(EngineQueries, torch.nn.Module):
     def forward(self, *args, **kwargs):
         if self.training_dataloader is None:
             self.tput_timer.start()
+        return self._run_module(*args, **kwargs)
+
+    def _run_module(self, *args, **kwargs):
+        """The model on the inputs, cast to its dtype and device (and under autocast when configured)."""
         args = _cast_inputs(args, self.model_dtype, self.device)
         kwargs = _cast_inputs(kwargs, self.model_dtype, self.device)
         autocast = self._config.torch_autocast
@@ -341,7 +352,6 @@ class Engine(EngineQueries, torch.nn.Module):
         scale_wrt_gas); gradients go straight into zerofuse's buffers."""
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("engine.backward: 'loss' must be a tensor with one element")
-        c = self._config
         first = self.progress.micro_steps_in_window == 0
         reducer = self.optimizer.reducer
         boundary = self.is_gradient_accumulation_boundary() and not self._inside_no_sync
@@ -349,16 +359,20 @@ class Engine(EngineQueries, torch.nn.Module):
         if self.partitioned is not None:
             self.partitioned.begin_backward()
         self._last_loss = loss.detach()
-        factor = self.optimizer.loss_scale_tensor.to(torch.float32)
-        if scale_wrt_gas:
-            factor = factor / c.gradient_accumulation_steps
         try:
-            (loss.float().reshape(1) * factor).backward(retain_graph=retain_graph)
+            self.scaled_loss(loss, scale_wrt_gas).backward(retain_graph=retain_graph)
         finally:
             reducer.end_backward()
             if self.partitioned is not None:
                 self.partitioned.end_backward()
         return loss
+
+    def scaled_loss(self, loss, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """loss * loss scale (/ gradient_accumulation_steps): what backward starts from."""
+        factor = self.optimizer.loss_scale_tensor.to(torch.float32)
+        if scale_wrt_gas:
+            factor = factor / self._config.gradient_accumulation_steps
+        return loss.float().reshape(1) * factor
 
     def step(self, lr_kwargs=None):
         """Count the micro-step; at an accumulation boundary, step the optimizer
@@ -368,8 +382,11 @@ class Engine(EngineQueries, torch.nn.Module):
         boundary = self.progress.count_micro_step(self._config.gradient_accumulation_steps,
                                                   self.is_gradient_accumulation_boundary())
         self.tput_timer.stop(global_step=boundary)
-        if not boundary:
-            return
+        if boundary:
+            self._optimizer_step(lr_kwargs)
+
+    def _optimizer_step(self, lr_kwargs=None):
+        """The optimizer step closing an accumulation window, then the schedule and the reports."""
         self._lr_kwargs = lr_kwargs
         self._step_scheduler_for_applied_steps(lr_kwargs)
         self.optimizer.step()
@@ -444,7 +461,7 @@ class Engine(EngineQueries, torch.nn.Module):
             self.monitor.write(self.global_samples, {
                 "train_loss": None if self._last_loss is None else float(self._last_loss.float()),
                 "lr": self.get_lr()[0], "loss_scale": self.loss_scale(), "grad_norm": self.get_global_grad_norm()})
-        if steps_done % c.steps_per_print or not self.placement.is_main:
+        if steps_done % c.steps_per_print or not self._reports:
             return
         skipped = self.skipped_steps
         new_overflows, self.progress.skipped_reported = skipped - self.progress.skipped_reported, skipped
@@ -479,6 +496,18 @@ class Engine(EngineQueries, torch.nn.Module):
                                    tput_timer=self.tput_timer)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
+
+    holds_part_of_model = False  # a pipeline stage holds only its own layers
+
+    @property
+    def _file_rank(self) -> int:
+        """The rank whose per-rank checkpoint files (random states) are this rank's."""
+        return self.placement.rank
+
+    def _checkpoint_barrier(self):
+        """Wait for every rank that shares this checkpoint."""
+        if self.placement.group is not None:
+            torch.distributed.barrier(group=self.placement.group)
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True,
                         exclude_frozen_parameters=False):
@@ -533,9 +562,12 @@ class Engine(EngineQueries, torch.nn.Module):
         if self.partitioned is not None:
             self.partitioned.remove()
 
+    def _describe_world(self) -> str:
+        return f"world size {self.placement.world_size}"
+
     def _print_config(self):
         c = self._config
-        print(f"[zerofuse] world size {self.placement.world_size}, device {self.device}, ZeRO stage {c.zero.stage}, "
+        print(f"[zerofuse] {self._describe_world()}, device {self.device}, ZeRO stage {c.zero.stage}, "
               f"dtype {str(self.model_dtype).replace('torch.', '')}, optimizer {self.optimizer_name() or 'AdamW'}",
               flush=True)
         print("[zerofuse] resolved config: " + json.dumps(c.to_dict(), sort_keys=True), flush=True)

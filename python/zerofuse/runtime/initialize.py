@@ -41,6 +41,11 @@ def initialize(model=None, config=None, model_parameters=None, optimizer=None, l
     """
     if model is None or not isinstance(model, torch.nn.Module):
         raise TypeError(f"zerofuse.initialize: 'model' must be a torch.nn.Module, got {type(model).__name__}")
-    engine = Engine(model, config_from(config, config_params, args), model_parameters, optimizer, lr_scheduler,
+    from ..pipe.module import PipelineModule  # the pipeline package builds on the engine
+    kind = Engine
+    if isinstance(model, PipelineModule):
+        from ..pipe.engine import PipelineEngine
+        kind = PipelineEngine
+    engine = kind(model, config_from(config, config_params, args), model_parameters, optimizer, lr_scheduler,
                     training_data, process_group, collate_fn, mpu=mpu)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -106,12 +106,14 @@ class StepControl:
         self._host_output.zero_()
 
     @torch.no_grad()
-    def decide(self, grads: List[torch.Tensor], group: Optional["dist.ProcessGroup"] = None):
-        """Statistics of `grads` (summed over `group`), then the decision."""
+    def decide(self, grads: List[torch.Tensor], group: Optional["dist.ProcessGroup"] = None, extra_groups=()):
+        """Statistics of `grads` (summed over `group`, then over each of
+        extra_groups: the other pipeline stages), then the decision."""
         stream = stream_of(self.stats)
         _C.grad_stats(grads, self.stats, stream)
-        if group is not None:
-            dist.all_reduce(self.stats, op=dist.ReduceOp.SUM, group=group)
+        for g in (group, *extra_groups):
+            if g is not None:
+                dist.all_reduce(self.stats, op=dist.ReduceOp.SUM, group=g)
         _C.step_control(self.stats, self.state, self.output, stream=stream, **self.settings.kernel_arguments())
 
     def decision_on_host(self):

@@ -78,6 +78,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         self.step_control = StepControl(step_control, device)
         self._build_run_views()
+        # Pipelines: the gradient statistics are also summed over the other
+        # stages, and a tied copy whose primary is elsewhere is left out of them.
+        self.extra_stat_groups: List = []
+        self.norm_grad_views = self.all_grad_views
         self.rule = update_rule(self)
 
     @torch.no_grad()
@@ -148,6 +152,28 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.group_views.append(v)
         self.all_grad_views = [g for v in self.group_views for g in v["grads"]]
 
+    def exclude_from_norm(self, params):
+        """Leave `params` out of the gradient statistics (norm and inf/NaN
+        check): pipeline copies of a tied weight counted on another stage.
+        ZeRO-0/1 only, where this rank's gradients are views of flat_grads."""
+        if self.stage >= 2:
+            raise ValueError("exclude_from_norm needs ZeRO stage 0 or 1 (gradients in one flat buffer)")
+        excluded = sorted((slot.offset, slot.offset + slot.numel) for slot in self.layout.slots
+                          if any(slot.param is p for p in params))
+        views = []
+        for runs in self.runs_of_group:
+            for r in runs:
+                lo = r.flat_begin
+                for ex_lo, ex_hi in excluded:
+                    if ex_hi <= lo or ex_lo >= r.flat_end:
+                        continue
+                    if ex_lo > lo:
+                        views.append(self.flat_grads[lo:ex_lo])
+                    lo = max(lo, ex_hi)
+                if lo < r.flat_end:
+                    views.append(self.flat_grads[lo:r.flat_end])
+        self.norm_grad_views = views
+
     def values(self, shard: slice, flat: slice) -> torch.Tensor:
         """The model-dtype values of a piece this rank owns: at `flat` in the
         flat buffer (ZeRO-0/1/2), at `shard` in the parameter shard (ZeRO-3)."""
@@ -179,7 +205,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise RuntimeError("zerofuse's optimizer is stepped by the engine (engine.step()); closures are not supported")
         self.reducer.wait()
         control = self.step_control
-        control.decide(self.all_grad_views, self.placement.group if self.partition_world > 1 else None)
+        control.decide(self.norm_grad_views, self.placement.group if self.partition_world > 1 else None,
+                       self.extra_stat_groups)
         self.rule.step(control)
         self._all_gather_params()
         if self.flat_grads is not None:

@@ -46,6 +46,7 @@ class Config:
     csv_monitor: MonitorConfig = field(default_factory=MonitorConfig)
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
     comms_logger: dict = field(default_factory=dict)  # COMMS_LOG.configure's arguments
+    pipeline_timeout: float = 300.0  # seconds a pipeline stage waits for a neighbour's message
     inert_keys: List[str] = field(default_factory=list)  # accepted, no effect here
 
     def to_dict(self) -> dict:
@@ -176,10 +177,11 @@ def _resolve_batch(raw, world_size):
     return tbs, mbs, gas
 
 
-def parse_config(config, world_size: int = 1, cpu_engine: bool = True) -> Config:
+def parse_config(config, world_size: int = 1, cpu_engine: bool = True, pipeline: bool = False) -> Config:
     """Validate a DeepSpeed-style config (dict or JSON path) for `world_size`
-    ranks; cpu_engine: whether the engine trains on the CPU (offload to the CPU
-    is then where the state already is)."""
+    ranks (data-parallel ranks: the batch is split over them); cpu_engine:
+    whether the engine trains on the CPU (offload to the CPU is then where the
+    state already is); pipeline: whether the model is a PipelineModule."""
     raw = load_raw(config)
     autos = auto_values(raw)
     if autos:
@@ -238,13 +240,28 @@ def parse_config(config, world_size: int = 1, cpu_engine: bool = True) -> Config
     if "data_types" in raw:
         _check_data_types(raw["data_types"], c, inert)
     if "pipeline" in raw:
-        # DeepSpeed reads this section only for a PipelineModule.
-        inert.append(path(["pipeline"]) + " (the model is not a PipelineModule)")
+        if pipeline:
+            c.pipeline_timeout = _parse_pipeline(raw["pipeline"], inert)
+        else:  # DeepSpeed reads this section only for a PipelineModule.
+            inert.append(path(["pipeline"]) + " (the model is not a PipelineModule)")
     for key, what in _MUST_BE_OFF.items():
         if key in raw:
             disabled_only(raw[key], [key], what)
     c.inert_keys = inert
     return c
+
+
+def _parse_pipeline(raw, inert) -> float:
+    """DeepSpeed's pipeline section. Its keys either configure the
+    PipelineModule (which takes them as arguments) or partition activations
+    for tensor parallelism, so they are accepted without effect; zerofuse's
+    own "timeout" is how long (seconds) a stage waits for a neighbour."""
+    parts = ["pipeline"]
+    s = as_section(raw, parts)
+    check_keys(s, parts, {"timeout"}, inert={"stages", "partition", "seed_layers", "activation_checkpoint_interval",
+                                             "pipe_partitioned", "grad_partitioned", "use_reentrant"},
+               inert_found=inert)
+    return as_float(s["timeout"], parts + ["timeout"], positive=True) if "timeout" in s else 300.0
 
 
 def _parse_comms_logger(raw) -> dict:
