@@ -312,3 +312,23 @@ def test_data_parallel_calls_and_unsupported_stages_are_refused_clearly():
     assert len(errors) == 5
     assert all("train_batch()" in e for e in errors[:3])
     assert "ZeRO stage 3" in errors[3] and "ZeRO stage 2" in errors[4] and "embed" in errors[4]
+
+
+def _monitored(rank, world, out_dir):
+    cfg = config("fp32", 1, steps_per_print=2, csv_monitor={"enabled": True, "output_path": out_dir, "job_name": "p"})
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        engine, *_ = zerofuse.initialize(model=pm.pipeline_model(num_stages=world), config=cfg)
+        train(engine, 2)
+    return printed.getvalue(), engine.last_bubble_fraction, engine.expected_bubble_fraction()
+
+
+def test_bubble_fraction_is_measured_reported_and_monitored(tmp_path):
+    import csv
+    printed, bubble, ideal = run_world(2, _monitored, str(tmp_path))
+    assert ideal == pytest.approx(1 / 5)  # 2 stages, 4 micro-batches
+    assert 0 < bubble < 1  # stage 0 waits at least for the last micro-batch's gradients
+    assert "pipeline bubble" in printed and "(ideal 20.0%)" in printed
+    assert "2 pipeline stages x 1 data-parallel" in printed
+    with open(tmp_path / "p" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(0 < float(r["pipeline_bubble"]) < 1 for r in rows)

@@ -30,6 +30,7 @@ from .schedule import FORWARD, eval_schedule, ideal_bubble_fraction, train_sched
 
 class PipelineEngine(Engine):
     _PIPELINE = True
+    _EXTRA_METRICS = ("pipeline_bubble",)
 
     def __init__(self, model, config, model_parameters=None, optimizer=None, lr_scheduler=None,
                  training_data=None, process_group=None, collate_fn=None, mpu=None):
@@ -97,6 +98,15 @@ class PipelineEngine(Engine):
 
     def expected_bubble_fraction(self) -> float:
         return ideal_bubble_fraction(self.num_stages, self.micro_batches)
+
+    def _step_metrics(self) -> dict:
+        return dict(super()._step_metrics(), pipeline_bubble=self.last_bubble_fraction)
+
+    def _report_extra(self) -> str:
+        if self.last_bubble_fraction is None:
+            return ""
+        return (f", pipeline bubble {self.last_bubble_fraction:.1%} on stage {self.stage_id} "
+                f"(ideal {self.expected_bubble_fraction():.1%})")
 
     # --- what the pipeline does not offer ---------------------------------------------------------------
 

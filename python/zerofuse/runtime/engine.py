@@ -79,6 +79,7 @@ def _loss_of(output):
 
 class Engine(EngineQueries, torch.nn.Module):
     _PIPELINE = False  # the pipeline engine (zerofuse.pipe) parses the config's pipeline section
+    _EXTRA_METRICS = ()  # metrics a subclass adds to the monitor's (see _step_metrics)
 
     def __init__(self, model, config, model_parameters=None, optimizer=None, lr_scheduler=None,
                  training_data=None, process_group=None, collate_fn=None, mpu=None):
@@ -149,7 +150,7 @@ class Engine(EngineQueries, torch.nn.Module):
         self._boundary_override = None  # set_gradient_accumulation_boundary()
         self._inside_no_sync = False
         self._step_start = time.perf_counter()
-        self.monitor = Monitor(c, self._reports)
+        self.monitor = Monitor(c, self._reports, self._EXTRA_METRICS)
         if self._reports:
             self._print_config()
 
@@ -450,6 +451,15 @@ class Engine(EngineQueries, torch.nn.Module):
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step(**(lr_kwargs or {}))
 
+    def _step_metrics(self) -> dict:
+        """The monitor's values for the step just taken."""
+        return {"train_loss": None if self._last_loss is None else float(self._last_loss.float()),
+                "lr": self.get_lr()[0], "loss_scale": self.loss_scale(), "grad_norm": self.get_global_grad_norm()}
+
+    def _report_extra(self) -> str:
+        """What a subclass adds to the periodic report line."""
+        return ""
+
     def _after_step(self):
         """Monitoring and the periodic report. Both read the step's outcome on
         the host, so they run only when asked for: every step with a monitor
@@ -458,9 +468,7 @@ class Engine(EngineQueries, torch.nn.Module):
         c = self._config
         steps_done = self.progress.optimizer_steps
         if self.monitor.enabled:
-            self.monitor.write(self.global_samples, {
-                "train_loss": None if self._last_loss is None else float(self._last_loss.float()),
-                "lr": self.get_lr()[0], "loss_scale": self.loss_scale(), "grad_norm": self.get_global_grad_norm()})
+            self.monitor.write(self.global_samples, self._step_metrics())
         if steps_done % c.steps_per_print or not self._reports:
             return
         skipped = self.skipped_steps
@@ -470,6 +478,7 @@ class Engine(EngineQueries, torch.nn.Module):
                 f"loss_scale={self.loss_scale():g}")
         if c.wall_clock_breakdown:
             line += f", {(now - self._step_start) / c.steps_per_print * 1e3:.1f} ms/step"
+        line += self._report_extra()
         self._step_start = now
         print(line, flush=True)
         if new_overflows:

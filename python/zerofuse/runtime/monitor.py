@@ -81,7 +81,8 @@ class Monitor:
 
     COLUMNS = ("samples", "train_loss", "lr", "loss_scale", "grad_norm")
 
-    def __init__(self, config, is_main: bool):
+    def __init__(self, config, is_main: bool, extra_columns=()):
+        """extra_columns: metrics beyond COLUMNS that this engine writes (a pipeline's bubble)."""
         self.csv = None
         self.tensorboard = None
         if not is_main:
@@ -95,7 +96,8 @@ class Monitor:
                                   "(pip install tensorboard)") from None
         if config.csv_monitor.enabled:
             directory = os.path.join(config.csv_monitor.output_path or "csv_monitor", config.csv_monitor.job_name)
-            self.csv = CsvLog(os.path.join(directory, "metrics.csv"), self.COLUMNS, key="samples")
+            self.csv = CsvLog(os.path.join(directory, "metrics.csv"), self.COLUMNS + tuple(extra_columns),
+                              key="samples")
 
     @property
     def enabled(self) -> bool:
