@@ -332,3 +332,77 @@ def test_bubble_fraction_is_measured_reported_and_monitored(tmp_path):
     with open(tmp_path / "p" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(0 < float(r["pipeline_bubble"]) < 1 for r in rows)
+
+
+# --- tuple activations, the whole-model save ----------------------------------------------------------------
+
+
+class First(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 7)
+
+    def forward(self, x):  # a float activation with gradients and an integer one without
+        return self.lin(x), torch.arange(x.shape[0]) % 3
+
+
+class Middle(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(7, 7)
+
+    def forward(self, inputs):
+        h, group = inputs
+        return torch.tanh(self.lin(h)) * (1 + group[:, None]), group
+
+
+class Last(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(7, 3)
+
+    def forward(self, inputs):
+        return self.lin(inputs[0])
+
+
+def tuple_layers():
+    from zerofuse.pipe import LayerSpec
+    return [LayerSpec(First), LayerSpec(Middle), LayerSpec(Middle), LayerSpec(Last)]
+
+
+def tuple_batches(step):
+    g = torch.Generator().manual_seed(step)
+    return [(torch.randn(3, 5, generator=g), torch.randn(3, 3, generator=g)) for _ in range(ACCUM)]
+
+
+def _tuple_pipeline(rank, world, save_dir):
+    from zerofuse.pipe import PipelineModule
+    model = PipelineModule(tuple_layers(), num_stages=2, loss_fn=torch.nn.functional.mse_loss, seed_layers=True,
+                           partition_method="uniform")
+    engine = make_engine(model, config("fp32", 0))
+    losses = [engine.train_batch(iter(tuple_batches(s))).item() for s in range(STEPS)]
+    engine.save_16bit_model(save_dir, "whole.pt")
+    return losses
+
+
+def test_tuple_activations_and_the_whole_model_save(tmp_path):
+    losses = run_world(2, _tuple_pipeline, str(tmp_path))
+    layers = []
+    for idx, spec in enumerate(tuple_layers()):
+        torch.manual_seed(1234 + idx)  # PipelineModule's default base_seed
+        layers.append(spec.build())
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=(0.9, 0.99))
+    expected = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        total = sum(torch.nn.functional.mse_loss(model(x), y) for x, y in tuple_batches(step)) / ACCUM
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        expected.append(total.item())
+    assert losses == pytest.approx(expected, rel=1e-5)
+    saved = torch.load(tmp_path / "whole.pt", weights_only=True)
+    assert list(saved) == list(model.state_dict())  # "0.lin.weight", ... in layer order, from both stages
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(saved[key], value, rtol=0, atol=1e-5, msg=key)

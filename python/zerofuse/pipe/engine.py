@@ -285,6 +285,27 @@ class PipelineEngine(Engine):
 
     # --- checkpoints ----------------------------------------------------------------------------------------
 
+    def whole_model_state(self, exclude_frozen_parameters=False):
+        """Every stage's layers, under the whole model's names, sent to global
+        rank 0 (None elsewhere); a tied module once. Every rank must call it."""
+        frozen = {id(p) for p in self.module.parameters() if not p.requires_grad} \
+            if exclude_frozen_parameters else set()
+        mine = {}
+        if self.grid.data_parallel_id == 0:
+            for _, prefix, layer in self.module.layer_modules():
+                mine.update((prefix + k, v.detach().cpu().clone()) for k, v in layer.state_dict(keep_vars=True).items()
+                            if id(v) not in frozen)
+        if not dist.is_initialized():
+            return mine
+        everyone = [None] * self.grid.world_size if self.grid.global_rank == 0 else None
+        dist.gather_object(mine, everyone, dst=0)
+        if everyone is None:
+            return None
+        out = {}
+        for part in everyone:
+            out.update(part)
+        return out
+
     @property
     def holds_part_of_model(self) -> bool:
         return self.num_stages > 1

@@ -188,6 +188,14 @@ class PipelineParallelGrid:
     def get_model_parallel_world_size(self) -> int:
         return self.model_parallel_size
 
+    # Megatron's names for the same groups.
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_pipeline_model_parallel_group = get_pipe_parallel_group
+    get_pipeline_model_parallel_rank = get_pipe_parallel_rank
+    get_pipeline_model_parallel_world_size = get_pipe_parallel_world_size
+
     # DeepSpeed's names for the model-parallel slice within a stage.
     get_slice_parallel_group = get_model_parallel_group
     get_slice_parallel_rank = get_model_parallel_rank

@@ -183,8 +183,8 @@ def save_model_weights(engine, save_dir, filename, exclude_frozen_parameters=Fal
     under a temporary name and renamed."""
     if not filename or os.sep in filename:
         raise ValueError(f"save_16bit_model: 'save_filename' must be a file name, got {filename!r}")
-    state = _model_states(engine, exclude_frozen_parameters, clone=True)  # ZeRO-3: every rank takes part
-    if engine.placement.is_main:
+    state = engine.whole_model_state(exclude_frozen_parameters)  # a collective; None except on the writer
+    if state is not None:
         os.makedirs(save_dir, exist_ok=True)
         save_file(state, os.path.join(save_dir, filename))
     _barrier(engine)

@@ -126,6 +126,7 @@ class Engine(EngineQueries, torch.nn.Module):
             self.partitioned = PartitionedParameters(self.optimizer, model, unit_plan.keys_of_module, c.zero)
             self.optimizer.partitioned = self.partitioned
             self.optimizer.reducer.after_grad = self.partitioned.gradient_arrived
+        self._count_tensor_parallel_once(mpu)
         COMMS_LOG.configure(**c.comms_logger)
         if setup.client is not None:
             self.optimizer.param_groups = setup.client.param_groups  # schedulers built on the client's keep working
@@ -153,6 +154,27 @@ class Engine(EngineQueries, torch.nn.Module):
         self.monitor = Monitor(c, self._reports, self._EXTRA_METRICS)
         if self._reports:
             self._print_config()
+
+    def _count_tensor_parallel_once(self, mpu):
+        """With a Megatron-style mpu whose tensor-parallel group has several
+        ranks: the gradient statistics (norm, inf/NaN) are summed over that
+        group too, and a replicated parameter (one without Megatron's
+        `tensor_model_parallel` mark) counts only on the group's first rank."""
+        if mpu is None:
+            return
+        size = getattr(mpu, "get_tensor_model_parallel_world_size", getattr(mpu, "get_model_parallel_world_size",
+                                                                            None))
+        if size is None or size() <= 1:
+            return
+        if self._config.zero.stage == 3:
+            raise ConfigError("ZeRO stage 3 with tensor parallelism (an mpu with a tensor-parallel group of "
+                              f"{size()} ranks) is not supported; use stage 0, 1 or 2")
+        group = (getattr(mpu, "get_tensor_model_parallel_group", None) or mpu.get_model_parallel_group)()
+        rank = (getattr(mpu, "get_tensor_model_parallel_rank", None) or mpu.get_model_parallel_rank)()
+        self.optimizer.extra_stat_groups.append(group)
+        if rank != 0:
+            self.optimizer.exclude_from_norm([p for _, p in self.optimizer.named_trainable_parameters()
+                                              if not getattr(p, "tensor_model_parallel", False)])
 
     def _move_model(self, model, trainable, named):
         """Frozen parameters and buffers take the model dtype like the rest (as
@@ -548,6 +570,12 @@ class Engine(EngineQueries, torch.nn.Module):
             return False
         save_model_weights(self, save_dir, save_filename, exclude_frozen_parameters)
         return True
+
+    def whole_model_state(self, exclude_frozen_parameters=False):
+        """The whole model's state_dict, on the CPU, on the rank that writes it
+        (None on the others). Every rank must call it (ZeRO-3 gathers)."""
+        from .checkpoint import _model_states
+        return _model_states(self, exclude_frozen_parameters, clone=True)
 
     def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters=False):
         """DeepSpeed's (Hugging Face Accelerate calls it): the whole model's

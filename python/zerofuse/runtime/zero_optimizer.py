@@ -154,24 +154,28 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def exclude_from_norm(self, params):
         """Leave `params` out of the gradient statistics (norm and inf/NaN
-        check): pipeline copies of a tied weight counted on another stage.
-        ZeRO-0/1 only, where this rank's gradients are views of flat_grads."""
-        if self.stage >= 2:
-            raise ValueError("exclude_from_norm needs ZeRO stage 0 or 1 (gradients in one flat buffer)")
+        check): copies counted on another rank -- a pipeline's tied weight
+        whose primary is on another stage, a tensor-parallel group's
+        replicated parameters on all but its first rank. ZeRO stages 0-2."""
+        if self.stage >= 3:
+            raise ValueError("exclude_from_norm needs ZeRO stage 0, 1 or 2")
         excluded = sorted((slot.offset, slot.offset + slot.numel) for slot in self.layout.slots
                           if any(slot.param is p for p in params))
         views = []
         for runs in self.runs_of_group:
             for r in runs:
+                # this run's gradients: flat_grads at its flat range (ZeRO-0/1), its shard range (ZeRO-2)
+                grads, base = (self.flat_grads, r.flat_begin) if self.stage < 2 else (self.shard_grads,
+                                                                                     r.shard_begin)
                 lo = r.flat_begin
                 for ex_lo, ex_hi in excluded:
                     if ex_hi <= lo or ex_lo >= r.flat_end:
                         continue
                     if ex_lo > lo:
-                        views.append(self.flat_grads[lo:ex_lo])
+                        views.append(grads[base + lo - r.flat_begin:base + ex_lo - r.flat_begin])
                     lo = max(lo, ex_hi)
                 if lo < r.flat_end:
-                    views.append(self.flat_grads[lo:r.flat_end])
+                    views.append(grads[base + lo - r.flat_begin:base + r.flat_end - r.flat_begin])
         self.norm_grad_views = views
 
     def values(self, shard: slice, flat: slice) -> torch.Tensor:
