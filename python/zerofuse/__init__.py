@@ -17,7 +17,7 @@ from . import _transformers_hook
 # transformers' modeling code is imported (it is not imported here).
 _transformers_hook.install()
 
-_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint", "models", "integrations", "zero", "pipe")
+_LAZY_SUBMODULES = ("ops", "nn", "optim", "cli", "runtime", "checkpoint", "models", "integrations", "zero", "pipe", "tp")
 
 
 def __getattr__(name):

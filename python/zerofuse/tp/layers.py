@@ -1,0 +1,147 @@
+"""Megatron-style tensor-parallel layers. Each rank holds a slice of the
+weight; the collectives (collectives.py) make forward and backward equal to
+the unsplit layer's.
+
+    ColumnParallelLinear   output features split: y_r = x W_r^T + b_r; with
+                           gather_output the slices are gathered into y
+    RowParallelLinear      input features split: y = sum_r x_r W_r^T + b (the
+                           sum is an all-reduce; the bias is added once, after it)
+    VocabParallelEmbedding rows of the table split: each rank looks up the ids
+                           in its range, zeros elsewhere, and the sum is an all-reduce
+
+A Megatron MLP is ColumnParallelLinear -> activation -> RowParallelLinear:
+one all-reduce forward and one backward. Sliced parameters carry
+`tensor_model_parallel = True` and `partition_dim` (Megatron's attributes);
+the rest are replicated (identical on every rank of the group), which the
+engine uses to count each parameter once in the gradient norm. Every layer
+can be built from the whole torch layer (`from_linear`, `from_embedding`), so
+the split model starts exactly where the unsplit one does.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .collectives import copy_to_tensor_parallel, gather_from_tensor_parallel, reduce_from_tensor_parallel, \
+    scatter_to_tensor_parallel
+
+
+def tp_world(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def tp_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _split(total: int, group, layer: str, what: str) -> int:
+    world = tp_world(group)
+    if total % world:
+        raise ValueError(f"{layer}: {what} ({total}) is not divisible by the tensor-parallel size ({world})"
+                         + ("; pad the vocabulary to a multiple of it" if "num_embeddings" in what else ""))
+    return total // world
+
+
+def _mark(param, dim):
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    return param
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    def __init__(self, in_features, out_features, bias=True, gather_output=False, group=None, device=None,
+                 dtype=None, _full=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.gather_output, self.group = gather_output, group
+        local = _split(out_features, group, "ColumnParallelLinear", "out_features")
+        full = _full if _full is not None else torch.nn.Linear(in_features, out_features, bias=bias, device=device,
+                                                                 dtype=dtype)
+        rows = slice(tp_rank(group) * local, (tp_rank(group) + 1) * local)
+        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[rows].clone()), 0)
+        self.bias = _mark(torch.nn.Parameter(full.bias.detach()[rows].clone()), 0) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, group, gather_output=False):
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, gather_output, group,
+                   _full=linear)
+
+    @classmethod
+    def from_linears(cls, linears, group):
+        """One layer computing several linears of the same input, each split
+        by output features, its slices side by side: [q_r, k_r, v_r] for a
+        fused QKV projection whose heads are split (one communication instead
+        of three)."""
+        first = linears[0]
+        if any(l.in_features != first.in_features or (l.bias is None) != (first.bias is None) for l in linears):
+            raise ValueError("ColumnParallelLinear.from_linears: the linears must share in_features and having a bias")
+        layer = cls(first.in_features, first.out_features, first.bias is not None, False, group, _full=first)
+        parts = [cls.from_linear(l, group) for l in linears]
+        layer.out_features = sum(l.out_features for l in linears)
+        layer.weight = _mark(torch.nn.Parameter(torch.cat([p.weight.detach() for p in parts])), 0)
+        if first.bias is not None:
+            layer.bias = _mark(torch.nn.Parameter(torch.cat([p.bias.detach() for p in parts])), 0)
+        return layer
+
+    def forward(self, x):
+        y = F.linear(copy_to_tensor_parallel(x, self.group), self.weight, self.bias)
+        return gather_from_tensor_parallel(y, self.group) if self.gather_output else y
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features} (1/{tp_world(self.group)} here)"
+
+
+class RowParallelLinear(torch.nn.Module):
+    def __init__(self, in_features, out_features, bias=True, input_is_parallel=True, group=None, device=None,
+                 dtype=None, _full=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.input_is_parallel, self.group = input_is_parallel, group
+        local = _split(in_features, group, "RowParallelLinear", "in_features")
+        full = _full if _full is not None else torch.nn.Linear(in_features, out_features, bias=bias, device=device,
+                                                                 dtype=dtype)
+        cols = slice(tp_rank(group) * local, (tp_rank(group) + 1) * local)
+        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[:, cols].clone()), 1)
+        self.bias = torch.nn.Parameter(full.bias.detach().clone()) if bias else None  # replicated
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, group, input_is_parallel=True):
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, input_is_parallel, group,
+                   _full=linear)
+
+    def forward(self, x):
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_parallel(x, self.group)
+        y = reduce_from_tensor_parallel(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"in_features={self.in_features} (1/{tp_world(self.group)} here), out_features={self.out_features}"
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    def __init__(self, num_embeddings, embedding_dim, group=None, device=None, dtype=None, _full=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.group = num_embeddings, embedding_dim, group
+        local = _split(num_embeddings, group, "VocabParallelEmbedding", "num_embeddings")
+        self.vocab_start = tp_rank(group) * local
+        self.vocab_end = self.vocab_start + local
+        full = _full if _full is not None else torch.nn.Embedding(num_embeddings, embedding_dim, device=device,
+                                                                    dtype=dtype)
+        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[self.vocab_start:self.vocab_end].clone()), 0)
+
+    @classmethod
+    def from_embedding(cls, embedding: torch.nn.Embedding, group):
+        if embedding.padding_idx is not None or embedding.max_norm is not None:
+            raise ValueError("VocabParallelEmbedding.from_embedding: padding_idx and max_norm are not supported")
+        return cls(embedding.num_embeddings, embedding.embedding_dim, group, _full=embedding)
+
+    def forward(self, ids):
+        if tp_world(self.group) == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = torch.where(outside, torch.zeros_like(ids), ids - self.vocab_start)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_parallel(out, self.group)
+
+    def extra_repr(self):
+        return (f"{self.num_embeddings}, {self.embedding_dim} (rows [{self.vocab_start}, {self.vocab_end}) here)")
