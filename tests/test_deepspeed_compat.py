@@ -190,7 +190,7 @@ PRESENT = [
     "runtime.activation_checkpointing.checkpointing.checkpoint",
     "pipe.PipelineModule", "pipe.LayerSpec", "pipe.TiedLayerSpec", "pipe.ProcessTopology", "PipelineModule",
     "PipelineEngine", "runtime.pipe.module.PipelineModule", "runtime.pipe.topology.PipeModelDataParallelTopology",
-    "runtime.pipe.topology.PipeDataParallelTopology", "runtime.pipe.engine.PipelineEngine",
+    "runtime.pipe.topology.PipeDataParallelTopology", "runtime.pipe.engine.PipelineEngine", "tp_model_init",
 ]
 REFUSED_AT_USE = ["moe.layer.MoE", "init_inference", "DeepSpeedTransformerLayer", "inference.engine.InferenceEngine",
                   "compression.compress.init_compression", "DeepSpeedHybridEngine", "zero.TiledLinear",

@@ -206,3 +206,87 @@ def test_a_megatron_block_all_reduces_twice_forward_and_twice_backward():
     activation = 2 * tm.SEQ * tm.WIDTH * 4  # bytes of one [2, SEQ, WIDTH] float32 activation
     assert forward == {"all_reduce": {"count": 2, "bytes": 2 * activation}}  # after attention and after the MLP
     assert both == {"all_reduce": {"count": 4, "bytes": 4 * activation}}  # + the QKV and fc inputs' gradients
+
+
+# --- AutoTP on Hugging Face models ------------------------------------------------------------------------------
+
+
+def tp_hf_model(kind):
+    import transformers as tf
+    torch.manual_seed(0)
+    if kind == "gpt2":  # fused c_attn (Conv1D), tied head
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32,
+                                                bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_pdrop=0.0,
+                                                resid_pdrop=0.0, embd_pdrop=0.0))
+    if kind == "llama":  # grouped-query attention, gated MLP, untied head
+        return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                                  max_position_embeddings=32, tie_word_embeddings=False,
+                                                  bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return tf.BertForMaskedLM(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,  # tied, biased
+                                            intermediate_size=48, vocab_size=64, max_position_embeddings=32,
+                                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def _train_hf(rank, world, kind, tp):
+    from zero3_models import hf_batch
+    cfg = dict(config(1), tensor_parallel={"autotp_size": tp})
+    model = tp_hf_model(kind)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        engine, *_ = zerofuse.initialize(model=model, config=cfg)
+    grid = model.zerofuse_tp_grid
+    dp, d = grid.get_data_parallel_world_size(), grid.get_data_parallel_rank()
+    losses = []
+    for step in range(STEPS):
+        whole = hf_batch(step, MICRO * ACCUM * dp)
+        total = torch.zeros(())
+        for m in range(ACCUM):
+            rows = slice((m * dp + d) * MICRO, (m * dp + d + 1) * MICRO)
+            loss = engine(**{k: v[rows] for k, v in whole.items()}).loss
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach()
+        if dp > 1:
+            dist.all_reduce(total, group=grid.get_data_parallel_group())
+        losses.append(total.item() / (ACCUM * dp))
+    with torch.no_grad():  # the trained weights, seen through a batch none of the steps used
+        after = engine(**hf_batch(99, 3)).loss.item()
+    return losses, after, engine.get_global_grad_norm(), printed.getvalue()
+
+
+@pytest.mark.parametrize("kind,world,tp", [("gpt2", 2, 2), ("llama", 2, 2), ("bert", 2, 2), ("llama", 4, 2)])
+def test_autotp_hugging_face_models_match_one_process(kind, world, tp):
+    from zero3_models import hf_batch
+    pytest.importorskip("transformers")
+    losses, after, norm, printed = run_world(world, _train_hf, kind, tp)
+    dp = world // tp
+    model = tp_hf_model(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=(0.9, 0.99))
+    expected = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss = model(**hf_batch(step, MICRO * ACCUM * dp)).loss
+        loss.backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item()
+        opt.step()
+        expected.append(loss.item())
+    with torch.no_grad():
+        expected_after = model(**hf_batch(99, 3)).loss.item()
+    assert losses == pytest.approx(expected, rel=1e-5)
+    assert norm == pytest.approx(ref_norm, rel=1e-4)
+    assert after == pytest.approx(expected_after, rel=1e-5)
+    assert f"tensor parallel over {tp} ranks" in printed
+
+
+def _bad_layout(rank, world):
+    from zerofuse.tp import AutoTPError, tp_model_init
+    try:
+        tp_model_init(tp_hf_model("llama"), world)  # 2 key/value heads over 4 ranks
+    except AutoTPError as e:
+        return str(e)
+    return "no error"
+
+
+def test_autotp_refuses_heads_that_do_not_divide_naming_the_layer():
+    message = run_world(4, _bad_layout)
+    assert "model.layers.0.self_attn.k_proj has 2 heads" in message and "tensor-parallel size 4" in message

@@ -27,6 +27,10 @@ def __getattr__(name):
         from .runtime import initialize
 
         return initialize
+    if name == "tp_model_init":
+        from .tp import tp_model_init
+
+        return tp_model_init
     if name == "optimize":
         from .integrations import optimize
 
@@ -56,6 +60,7 @@ __all__ = [
     "get_num_threads",
     "initialize",
     "optimize",
+    "tp_model_init",
     "ops",
     "nn",
     "optim",

@@ -58,6 +58,15 @@ def initialize(args=None, model: torch.nn.Module = None, optimizer=None, model_p
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 
+def tp_model_init(model, tp_size, dtype=None, config=None, **kwargs):
+    """deepspeed.tp_model_init: split `model` in place for tensor parallelism
+    over tp_size ranks (zerofuse.tp.tp_model_init); returns the model. Pass it
+    to initialize() with or without "tensor_parallel": {"autotp_size": tp_size}."""
+    from ..tp import tp_model_init as split
+    init_distributed()
+    return split(model, tp_size, dtype)
+
+
 def add_config_arguments(parser):
     """Adds DeepSpeed's --deepspeed, --deepspeed_config, --deepscale and
     --deepscale_config arguments (group 'DeepSpeed')."""
@@ -104,7 +113,6 @@ moe = unsupported_module("deepspeed.moe", "mixture of experts")
 inference = unsupported_module("deepspeed.inference", "DeepSpeed inference")
 compression = unsupported_module("deepspeed.compression", "compression training")
 init_inference = unsupported("deepspeed.init_inference", "DeepSpeed inference")
-tp_model_init = unsupported("deepspeed.tp_model_init", "tensor parallelism (AutoTP)")
 DeepSpeedHybridEngine = unsupported("deepspeed.DeepSpeedHybridEngine", "the RLHF hybrid engine")
 InferenceEngine = unsupported("deepspeed.InferenceEngine", "DeepSpeed inference")
 DeepSpeedTransformerLayer = unsupported("deepspeed.DeepSpeedTransformerLayer", "DeepSpeed's fused transformer layer")

@@ -77,6 +77,22 @@ def _loss_of(output):
     return loss
 
 
+def _tensor_parallel_grid(model, config):
+    """The grid of a model split for tensor parallelism (by tp_model_init, or
+    now: "tensor_parallel": {"autotp_size": N} in the config); None without."""
+    from .config import load_raw, parse_tensor_parallel
+    raw = load_raw(config)
+    size = parse_tensor_parallel(raw["tensor_parallel"]) if "tensor_parallel" in raw else 1
+    grid = getattr(model, "zerofuse_tp_grid", None)
+    if grid is not None and size > 1 and grid.get_tensor_model_parallel_world_size() != size:
+        raise ConfigError(f"config['tensor_parallel']['autotp_size'] is {size} but the model was split over "
+                          f"{grid.get_tensor_model_parallel_world_size()} ranks by tp_model_init")
+    if grid is None and size > 1:
+        from ..tp.auto import tp_model_init
+        grid = tp_model_init(model, size).zerofuse_tp_grid
+    return grid
+
+
 class Engine(EngineQueries, torch.nn.Module):
     _PIPELINE = False  # the pipeline engine (zerofuse.pipe) parses the config's pipeline section
     _EXTRA_METRICS = ()  # metrics a subclass adds to the monitor's (see _step_metrics)
@@ -84,6 +100,8 @@ class Engine(EngineQueries, torch.nn.Module):
     def __init__(self, model, config, model_parameters=None, optimizer=None, lr_scheduler=None,
                  training_data=None, process_group=None, collate_fn=None, mpu=None):
         super().__init__()
+        if mpu is None and process_group is None:
+            mpu = _tensor_parallel_grid(model, config)  # AutoTP: the model is split here when the config asks
         if mpu is not None and process_group is None:
             process_group = mpu.get_data_parallel_group()
         self.placement = distributed.setup(process_group)
@@ -610,6 +628,9 @@ class Engine(EngineQueries, torch.nn.Module):
         print("[zerofuse] resolved config: " + json.dumps(c.to_dict(), sort_keys=True), flush=True)
         if c.inert_keys:
             print("[zerofuse] accepted with no effect here: " + ", ".join(c.inert_keys), flush=True)
+        if getattr(self.module, "zerofuse_tp_grid", None) is not None:
+            from ..tp.auto import describe
+            print("[zerofuse] " + describe(self.module), flush=True)
         for note in self._notes:
             print(f"[zerofuse] note: {note}", flush=True)
         if c.memory_breakdown:

@@ -37,6 +37,8 @@ def tensor_parallel_grid(tp_size: int, pipe_size: int = 1):
     return PipelineParallelGrid(topology=topology)
 
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "copy_to_tensor_parallel",
+from .auto import AutoTPError, tp_model_init  # noqa: E402  (auto uses tensor_parallel_grid from here)
+
+__all__ = ["AutoTPError", "tp_model_init", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "copy_to_tensor_parallel",
            "gather_from_tensor_parallel", "linear_vocab_parallel_cross_entropy", "reduce_from_tensor_parallel",
            "scatter_to_tensor_parallel", "tensor_parallel_grid", "vocab_parallel_cross_entropy"]

@@ -119,9 +119,11 @@ class RowParallelLinear(torch.nn.Module):
 
 
 class VocabParallelEmbedding(torch.nn.Module):
-    def __init__(self, num_embeddings, embedding_dim, group=None, device=None, dtype=None, _full=None):
+    def __init__(self, num_embeddings, embedding_dim, group=None, padding_idx=None, device=None, dtype=None,
+                 _full=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.group = num_embeddings, embedding_dim, group
+        self.padding_idx = padding_idx  # its row gets no gradient, as in torch.nn.Embedding
         local = _split(num_embeddings, group, "VocabParallelEmbedding", "num_embeddings")
         self.vocab_start = tp_rank(group) * local
         self.vocab_end = self.vocab_start + local
@@ -131,16 +133,19 @@ class VocabParallelEmbedding(torch.nn.Module):
 
     @classmethod
     def from_embedding(cls, embedding: torch.nn.Embedding, group):
-        if embedding.padding_idx is not None or embedding.max_norm is not None:
-            raise ValueError("VocabParallelEmbedding.from_embedding: padding_idx and max_norm are not supported")
-        return cls(embedding.num_embeddings, embedding.embedding_dim, group, _full=embedding)
+        if embedding.max_norm is not None or embedding.sparse:
+            raise ValueError("VocabParallelEmbedding.from_embedding: max_norm and sparse embeddings are not supported")
+        return cls(embedding.num_embeddings, embedding.embedding_dim, group, embedding.padding_idx, _full=embedding)
 
     def forward(self, ids):
+        pad = self.padding_idx
+        local_pad = pad - self.vocab_start if pad is not None and self.vocab_start <= pad < self.vocab_end else None
         if tp_world(self.group) == 1:
-            return F.embedding(ids, self.weight)
+            return F.embedding(ids, self.weight, padding_idx=local_pad)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = torch.where(outside, torch.zeros_like(ids), ids - self.vocab_start)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        # Ids of other ranks look up row 0 and are zeroed: they add nothing to any gradient.
+        out = F.embedding(local, self.weight, padding_idx=local_pad).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tensor_parallel(out, self.group)
 
     def extra_repr(self):

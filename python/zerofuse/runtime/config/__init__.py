@@ -47,6 +47,7 @@ class Config:
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
     comms_logger: dict = field(default_factory=dict)  # COMMS_LOG.configure's arguments
     pipeline_timeout: float = 300.0  # seconds a pipeline stage waits for a neighbour's message
+    autotp_size: int = 1  # tensor_parallel.autotp_size: ranks each layer is split across (1: off)
     inert_keys: List[str] = field(default_factory=list)  # accepted, no effect here
 
     def to_dict(self) -> dict:
@@ -90,7 +91,7 @@ _SECTIONS = {
     "fp16", "bf16", "bfloat16", "torch_autocast", "optimizer", "scheduler", "zero_optimization", "steps_per_print",
     "wall_clock_breakdown", "memory_breakdown", "tensorboard", "csv_monitor", "communication_data_type",
     "prescale_gradients", "gradient_predivide_factor", "dataloader_drop_last", "zero_allow_untested_optimizer",
-    "activation_checkpointing", "sparse_gradients", "data_types", "pipeline", "comms_logger",
+    "activation_checkpointing", "sparse_gradients", "data_types", "pipeline", "comms_logger", "tensor_parallel",
 }
 # Accepted and without effect: DeepSpeed ignores them too (cuda_visible_devices,
 # a launcher setting scripts leave in configs), or they tune what zerofuse does
@@ -111,7 +112,7 @@ _MUST_BE_OFF = {
     "aio": "async I/O offload", "quantize_training": "MoQ quantized training",
     "progressive_layer_drop": "progressive layer drop", "eigenvalue": "eigenvalue computation",
     "hybrid_engine": "the RLHF hybrid engine", "zenflow": "ZenFlow", "compile": "DeepCompile",
-    "weight_quantization": "weight quantization", "tensor_parallel": "tensor parallelism (AutoTP)",
+    "weight_quantization": "weight quantization",
     "expert_parallel": "expert parallelism (MoE)",
 }
 
@@ -239,6 +240,10 @@ def parse_config(config, world_size: int = 1, cpu_engine: bool = True, pipeline:
         fail(["sparse_gradients"], "sparse gradients (torch.nn.Embedding(sparse=True)) are not supported by zerofuse")
     if "data_types" in raw:
         _check_data_types(raw["data_types"], c, inert)
+    if "tensor_parallel" in raw:
+        c.autotp_size = parse_tensor_parallel(raw["tensor_parallel"], inert)
+        if c.autotp_size > 1 and c.zero.stage == 3:
+            fail(["tensor_parallel", "autotp_size"], "cannot be combined with ZeRO stage 3; use stage 0, 1 or 2")
     if "pipeline" in raw:
         if pipeline:
             c.pipeline_timeout = _parse_pipeline(raw["pipeline"], inert)
@@ -249,6 +254,16 @@ def parse_config(config, world_size: int = 1, cpu_engine: bool = True, pipeline:
             disabled_only(raw[key], [key], what)
     c.inert_keys = inert
     return c
+
+
+def parse_tensor_parallel(raw, inert=None) -> int:
+    """DeepSpeed's tensor_parallel section: autotp_size (AutoTP over that many
+    ranks); tp_overlap_comm is accepted without effect."""
+    parts = ["tensor_parallel"]
+    s = as_section(raw, parts)
+    check_keys(s, parts, {"autotp_size"}, inert={"tp_overlap_comm", "keep_module_on_host"},
+               inert_found=inert if inert is not None else [])
+    return as_int(s.get("autotp_size", 1), parts + ["autotp_size"], minimum=1)
 
 
 def _parse_pipeline(raw, inert) -> float:
