@@ -290,3 +290,82 @@ def _bad_layout(rank, world):
 def test_autotp_refuses_heads_that_do_not_divide_naming_the_layer():
     message = run_world(4, _bad_layout)
     assert "model.layers.0.self_attn.k_proj has 2 heads" in message and "tensor-parallel size 4" in message
+
+
+# --- checkpoints across tensor-parallel sizes ---------------------------------------------------------------
+
+
+def _hf_steps(engine, grid_dp, d, steps, first, accum):
+    from zero3_models import hf_batch
+    losses = []
+    for step in range(first, first + steps):
+        whole = hf_batch(step, MICRO * accum * grid_dp)
+        total = torch.zeros(())
+        for m in range(accum):
+            rows = slice((m * grid_dp + d) * MICRO, (m * grid_dp + d + 1) * MICRO)
+            loss = engine(**{k: v[rows] for k, v in whole.items()}).loss
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach()
+        if dist.is_initialized() and grid_dp > 1:
+            dist.all_reduce(total)
+            total /= dist.get_world_size() // grid_dp  # every tensor-parallel rank added the same loss
+        losses.append(total.item() / (accum * grid_dp))
+    return losses
+
+
+def _tp_engine(world, tp):
+    dp = world // tp
+    cfg = dict(config(1), gradient_accumulation_steps=ACCUM * 2 // dp)  # the same global batch at any dp
+    if tp > 1:
+        cfg["tensor_parallel"] = {"autotp_size": tp}
+    model = tp_hf_model("gpt2")
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = zerofuse.initialize(model=model, config=cfg)
+    grid = getattr(model, "zerofuse_tp_grid", None)
+    d = grid.get_data_parallel_rank() if grid is not None else (dist.get_rank() if dist.is_initialized() else 0)
+    return engine, dp, d, cfg["gradient_accumulation_steps"]
+
+
+def _tp_save(rank, world, save_dir):
+    engine, dp, d, accum = _tp_engine(world, 2)
+    _hf_steps(engine, dp, d, 2, 0, accum)
+    engine.save_checkpoint(save_dir, tag="t")
+    engine.save_16bit_model(save_dir, "whole16.pt")
+    return _hf_steps(engine, dp, d, 2, 2, accum)
+
+
+def _tp_load(rank, world, save_dir, tp):
+    engine, dp, d, accum = _tp_engine(world, tp)
+    engine.load_checkpoint(save_dir)
+    return _hf_steps(engine, dp, d, 2, 2, accum)
+
+
+@pytest.fixture(scope="module")
+def saved_at_tp2(tmp_path_factory):
+    pytest.importorskip("transformers")
+    save_dir = str(tmp_path_factory.mktemp("tp_ckpt"))
+    return save_dir, run_world(2, _tp_save, save_dir)
+
+
+@pytest.mark.parametrize("world,tp", [(4, 4), (2, 1), (4, 2)])
+def test_tp2_checkpoint_resumes_at_other_tensor_parallel_sizes(saved_at_tp2, world, tp):
+    save_dir, expected = saved_at_tp2
+    assert run_world(world, _tp_load, save_dir, tp) == pytest.approx(expected, rel=1e-5)
+
+
+def test_tp_checkpoint_consolidates_to_the_plain_hugging_face_model(saved_at_tp2):
+    from zero3_models import hf_batch
+    from zerofuse.checkpoint import to_fp32_state_dict
+    save_dir, expected = saved_at_tp2
+    model = tp_hf_model("gpt2")
+    state = to_fp32_state_dict(save_dir)
+    model.load_state_dict(state, strict=True)  # GPT-2's own names and [in, out] Conv1D shapes
+    whole16 = torch.load(f"{save_dir}/whole16.pt", weights_only=True)
+    assert whole16["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+    torch.testing.assert_close(whole16["transformer.h.1.mlp.c_proj.weight"], state["transformer.h.1.mlp.c_proj.weight"])
+    with torch.no_grad():  # the step-2 loss the saved run saw before stepping on
+        whole = hf_batch(2, MICRO * ACCUM * 2)
+        loss = sum(model(**{k: v[m * MICRO:(m + 1) * MICRO] for k, v in whole.items()}).loss.item()
+                   for m in range(ACCUM * 2)) / (ACCUM * 2)
+    assert loss == pytest.approx(expected[0], rel=1e-5)

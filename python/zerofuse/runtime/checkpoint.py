@@ -76,6 +76,12 @@ def full_shape(param):
     return getattr(param, "ds_shape", None) or param.shape
 
 
+def whole_shape(param):
+    """The shape in the whole model: a tensor-parallel slice's whole parameter, else full_shape."""
+    spec = getattr(param, "tp_whole", None)
+    return spec.shape if spec is not None else full_shape(param)
+
+
 def _model_states(engine, exclude_frozen_parameters, clone=False):
     """The model's state_dict on the CPU, on rank 0 (None elsewhere). ZeRO-3
     gathers it one module at a time, and every rank must call this."""
@@ -286,13 +292,14 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
     saved = {p["name"]: p for p in manifest["params"]}
     mine = dict(opt.named_trainable_parameters())
     for name, param in mine.items():
-        if name in saved and list(full_shape(param)) != saved[name]["shape"]:
+        if name in saved and list(whole_shape(param)) != saved[name]["shape"]:
             raise CheckpointError(f"{path}: parameter {name!r} has shape {saved[name]['shape']} in the checkpoint "
-                                  f"but {list(full_shape(param))} in the model")
+                                  f"but {list(whole_shape(param))} in the model")
 
     states = read_model_states(path, manifest)
     strict = load_module_strict and not manifest.get("frozen_excluded")
     with torch.no_grad():
+        states = _localized(engine, states)  # tensor parallelism: this rank's slices of the whole tensors
         own = engine.module.state_dict()
         if engine.holds_part_of_model:  # a pipeline stage: the other stages' layers are theirs to load
             states = OrderedDict((k, v) for k, v in states.items() if k in own)
@@ -325,7 +332,10 @@ def load_checkpoint(engine, load_dir, tag=None, load_module_strict=True, load_op
             raise CheckpointError(f"{path}: holds the state of optimizer {manifest.get('optimizer')!r} "
                                   f"({', '.join(names) or 'none'}), not the {', '.join(needed)} this optimizer "
                                   "needs; pass load_optimizer_states=False to start the optimizer afresh")
-        opt_state = _pieces_for(opt.owned_pieces(), path, manifest, names)
+        if manifest.get("tensor_parallel") or engine.tp is not None:
+            opt_state = _tensor_parallel_pieces_for(engine, opt.owned_pieces(), path, manifest, names)
+        else:
+            opt_state = _pieces_for(opt.owned_pieces(), path, manifest, names)
         opt_state.update(state_names=names, step_control=manifest["step_state"],
                          param_groups=manifest.get("optimizer_param_groups"),
                          scalar_state=manifest.get("optimizer_scalar_state"))
@@ -377,6 +387,83 @@ def _pieces_for(wanted, path, manifest, state_names):
     return out
 
 
+# --- tensor parallelism: whole parameters from slices ----------------------------------------------------------
+
+
+def _localized(engine, states):
+    """Whole tensors of the checkpoint's model state cut to this rank's slices."""
+    if engine.tp is None:
+        return states
+    from ..tp.whole import local_from_whole
+    slices = {}
+    for key, value in engine.module.state_dict(keep_vars=True).items():
+        spec = getattr(value, "tp_whole", None)
+        if spec is not None and key in states:
+            slices[key] = local_from_whole(states[key], spec, engine.tp.rank, engine.tp.size)
+    return OrderedDict((k, slices.get(k, v)) for k, v in states.items())
+
+
+def _iter_pieces_by_file(path, manifest, names):
+    """(tensor-parallel rank of the writer, name, first, values) for every saved piece."""
+    tp_ranks = manifest.get("shard_tp_ranks") or [0] * len(manifest["shard_files"])
+    for shard, tp_rank in zip(manifest["shard_files"], tp_ranks):
+        for name, first, values in _iter_pieces(path, dict(manifest, shard_files=[shard]), names):
+            yield tp_rank, name, first, values
+
+
+def whole_values(path, manifest, wanted_names, names):
+    """{name: {state name: the whole parameter's fp32 values}} for wanted_names,
+    assembled from every tensor-parallel rank's slices (a checkpoint without
+    tensor parallelism is one rank of one)."""
+    from ..tp.whole import WholeSpec, local_from_whole, whole_from_locals
+    size = (manifest.get("tensor_parallel") or {}).get("size", 1)
+    table = {p["name"]: p for p in manifest["params"]}
+    specs = {n: WholeSpec.from_json(table[n]["tp"]) for n in wanted_names if table[n].get("tp")}
+    local_shape = {n: tuple(local_from_whole(torch.empty(table[n]["shape"], device="meta"), specs[n], 0, size).shape)
+                   if n in specs else tuple(table[n]["shape"]) for n in wanted_names}
+    buffers, covered = {}, {}
+    for tp_rank, name, first, values in _iter_pieces_by_file(path, manifest, names):
+        if name not in wanted_names or (name not in specs and tp_rank != 0):
+            continue  # a replicated parameter: every tensor-parallel rank saved the same values
+        key = (name, tp_rank)
+        numel = int(torch.Size(local_shape[name]).numel())
+        if key not in buffers:
+            buffers[key] = {k: torch.empty(numel, dtype=torch.float32) for k in names}
+            covered[key] = torch.zeros(numel, dtype=torch.int32)
+        length = values["master"].numel()
+        for k in names:
+            buffers[key][k][first:first + length] = values[k]
+        covered[key][first:first + length] += 1
+    out = {}
+    for name in wanted_names:
+        ranks = range(size) if name in specs else range(1)
+        for t in ranks:
+            if (name, t) not in covered or int(covered[(name, t)].min()) != 1:
+                raise CheckpointError(f"{path}: the optimizer shards do not cover {name!r} (tensor-parallel rank "
+                                      f"{t}) exactly once (a shard file is missing or from another checkpoint)")
+        out[name] = {k: (whole_from_locals([buffers[(name, t)][k].view(local_shape[name]) for t in ranks], specs[name])
+                         if name in specs else buffers[(name, 0)][k].view(local_shape[name])) for k in names}
+    return out
+
+
+def _tensor_parallel_pieces_for(engine, wanted, path, manifest, state_names):
+    """_pieces_for through whole parameters: the saved slices of any tensor-
+    parallel size put together, then cut to this rank's slice (or kept whole)."""
+    from ..tp.whole import local_from_whole
+    names = ["master", *state_names]
+    params = dict(engine.optimizer.named_trainable_parameters())
+    whole = whole_values(path, manifest, {w.name for w in wanted}, names)
+    out = {k: [] for k in names}
+    for w in wanted:
+        spec = getattr(params[w.name], "tp_whole", None)
+        for k in names:
+            value = whole[w.name][k]
+            if spec is not None:
+                value = local_from_whole(value, spec, engine.tp.rank, engine.tp.size)
+            out[k].append(value.reshape(-1)[w.first:w.first + w.length])
+    return {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}
+
+
 # --- consolidation ----------------------------------------------------------------------------------------
 
 
@@ -386,15 +473,19 @@ def to_fp32_state_dict(load_dir, tag=None):
     PyTorch model. Reads the shard files one at a time, memory-mapped."""
     path, manifest = read_manifest(load_dir, tag)
     states = read_model_states(path, manifest, mmap=True)
-    params = {p["name"]: torch.empty(p["shape"], dtype=torch.float32) for p in manifest["params"]}
-    filled = {name: 0 for name in params}
-    for name, first, values in _iter_pieces(path, manifest, ["master"]):
-        flat = params[name].view(-1)
-        flat[first:first + values["master"].numel()] = values["master"]
-        filled[name] += values["master"].numel()
-    for name, t in params.items():
-        if filled[name] != t.numel():
-            raise CheckpointError(f"{path}: the shards hold {filled[name]} of {t.numel()} values of {name!r}")
+    if manifest.get("tensor_parallel"):  # slices of several ranks: put together per parameter
+        whole = whole_values(path, manifest, {p["name"] for p in manifest["params"]}, ["master"])
+        params = {name: values["master"] for name, values in whole.items()}
+    else:
+        params = {p["name"]: torch.empty(p["shape"], dtype=torch.float32) for p in manifest["params"]}
+        filled = {name: 0 for name in params}
+        for name, first, values in _iter_pieces(path, manifest, ["master"]):
+            flat = params[name].view(-1)
+            flat[first:first + values["master"].numel()] = values["master"]
+            filled[name] += values["master"].numel()
+        for name, t in params.items():
+            if filled[name] != t.numel():
+                raise CheckpointError(f"{path}: the shards hold {filled[name]} of {t.numel()} values of {name!r}")
     key_to_param = {key: p["name"] for p in manifest["params"] for key in p["keys"]}
     out = OrderedDict()
     for key in manifest["state_dict_keys"]:

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -75,6 +75,14 @@ def _loss_of(output):
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"engine.train_batch: the model's output ({type(output).__name__}) holds no loss tensor")
     return loss
+
+
+class TensorParallel(NamedTuple):
+    """This rank's tensor-parallel group (engine.tp; None without tensor parallelism)."""
+
+    group: object
+    rank: int
+    size: int
 
 
 def _tensor_parallel_grid(model, config):
@@ -178,6 +186,7 @@ class Engine(EngineQueries, torch.nn.Module):
         ranks: the gradient statistics (norm, inf/NaN) are summed over that
         group too, and a replicated parameter (one without Megatron's
         `tensor_model_parallel` mark) counts only on the group's first rank."""
+        self.tp = None
         if mpu is None:
             return
         size = getattr(mpu, "get_tensor_model_parallel_world_size", getattr(mpu, "get_model_parallel_world_size",
@@ -189,6 +198,7 @@ class Engine(EngineQueries, torch.nn.Module):
                               f"{size()} ranks) is not supported; use stage 0, 1 or 2")
         group = (getattr(mpu, "get_tensor_model_parallel_group", None) or mpu.get_model_parallel_group)()
         rank = (getattr(mpu, "get_tensor_model_parallel_rank", None) or mpu.get_model_parallel_rank)()
+        self.tp = TensorParallel(group, rank, size())
         self.optimizer.extra_stat_groups.append(group)
         if rank != 0:
             self.optimizer.exclude_from_norm([p for _, p in self.optimizer.named_trainable_parameters()
@@ -551,19 +561,25 @@ class Engine(EngineQueries, torch.nn.Module):
     @property
     def _file_rank(self) -> int:
         """The rank whose per-rank checkpoint files (random states) are this rank's."""
-        return self.placement.rank
+        return torch.distributed.get_rank() if self.tp is not None else self.placement.rank
 
     def _checkpoint_barrier(self):
-        """Wait for every rank that shares this checkpoint."""
-        if self.placement.group is not None:
+        """Wait for every rank that shares this checkpoint (with tensor parallelism: all)."""
+        if self.tp is not None:
+            torch.distributed.barrier()
+        elif self.placement.group is not None:
             torch.distributed.barrier(group=self.placement.group)
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True,
                         exclude_frozen_parameters=False):
         """Write a checkpoint (runtime/checkpoint.py); returns True, as DeepSpeed."""
+        client_state = {} if client_state is None else client_state
+        if self.tp is not None:
+            from ..tp.checkpoint import save_tensor_parallel_checkpoint
+            save_tensor_parallel_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
+            return True
         from .checkpoint import save_checkpoint
-        save_checkpoint(self, save_dir, tag, {} if client_state is None else client_state, save_latest,
-                        exclude_frozen_parameters)
+        save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
         return True
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
@@ -592,6 +608,10 @@ class Engine(EngineQueries, torch.nn.Module):
     def whole_model_state(self, exclude_frozen_parameters=False):
         """The whole model's state_dict, on the CPU, on the rank that writes it
         (None on the others). Every rank must call it (ZeRO-3 gathers)."""
+        if self.tp is not None:  # split parameters gathered whole over their tensor-parallel group
+            from ..tp.checkpoint import whole_module_state
+            state = whole_module_state(self, exclude_frozen_parameters)
+            return state if torch.distributed.get_rank() == 0 else None
         from .checkpoint import _model_states
         return _model_states(self, exclude_frozen_parameters, clone=True)
 

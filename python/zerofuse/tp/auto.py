@@ -130,6 +130,9 @@ def tp_model_init(model: torch.nn.Module, tp_size: int = None, dtype=None, group
     references = _references(model)
     for full, parent, name, child, role in plan:
         new = _parallel(full, parent, child, role, group, world)
+        if _is_conv1d(child):  # checkpoints keep GPT-2's [in, out] layout of the whole weight
+            w = new.weight
+            w.tp_whole = w.tp_whole._replace(shape=tuple(child.weight.shape), transposed=True)
         for old, fresh in _param_pairs(child, new):
             if id(old) in replaced:  # a tied weight: share the parallel parameter made first
                 if replaced[id(old)].shape != fresh.shape:

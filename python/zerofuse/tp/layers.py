@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .whole import WholeSpec
 from .collectives import copy_to_tensor_parallel, gather_from_tensor_parallel, reduce_from_tensor_parallel, \
     scatter_to_tensor_parallel
 
@@ -41,9 +42,11 @@ def _split(total: int, group, layer: str, what: str) -> int:
     return total // world
 
 
-def _mark(param, dim):
+def _mark(param, dim, whole_shape, splits=None):
+    """Megatron's marks, and how this slice is cut from the whole parameter (whole.py)."""
     param.tensor_model_parallel = True
     param.partition_dim = dim
+    param.tp_whole = WholeSpec(tuple(whole_shape), dim, splits)
     return param
 
 
@@ -57,8 +60,8 @@ class ColumnParallelLinear(torch.nn.Module):
         full = _full if _full is not None else torch.nn.Linear(in_features, out_features, bias=bias, device=device,
                                                                  dtype=dtype)
         rows = slice(tp_rank(group) * local, (tp_rank(group) + 1) * local)
-        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[rows].clone()), 0)
-        self.bias = _mark(torch.nn.Parameter(full.bias.detach()[rows].clone()), 0) if bias else None
+        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[rows].clone()), 0, full.weight.shape)
+        self.bias = _mark(torch.nn.Parameter(full.bias.detach()[rows].clone()), 0, full.bias.shape) if bias else None
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, group, gather_output=False):
@@ -77,9 +80,12 @@ class ColumnParallelLinear(torch.nn.Module):
         layer = cls(first.in_features, first.out_features, first.bias is not None, False, group, _full=first)
         parts = [cls.from_linear(l, group) for l in linears]
         layer.out_features = sum(l.out_features for l in linears)
-        layer.weight = _mark(torch.nn.Parameter(torch.cat([p.weight.detach() for p in parts])), 0)
+        splits = tuple(l.out_features for l in linears)
+        layer.weight = _mark(torch.nn.Parameter(torch.cat([p.weight.detach() for p in parts])), 0,
+                             (sum(splits), first.in_features), splits)
         if first.bias is not None:
-            layer.bias = _mark(torch.nn.Parameter(torch.cat([p.bias.detach() for p in parts])), 0)
+            layer.bias = _mark(torch.nn.Parameter(torch.cat([p.bias.detach() for p in parts])), 0, (sum(splits),),
+                               splits)
         return layer
 
     def forward(self, x):
@@ -100,7 +106,7 @@ class RowParallelLinear(torch.nn.Module):
         full = _full if _full is not None else torch.nn.Linear(in_features, out_features, bias=bias, device=device,
                                                                  dtype=dtype)
         cols = slice(tp_rank(group) * local, (tp_rank(group) + 1) * local)
-        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[:, cols].clone()), 1)
+        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[:, cols].clone()), 1, full.weight.shape)
         self.bias = torch.nn.Parameter(full.bias.detach().clone()) if bias else None  # replicated
 
     @classmethod
@@ -129,7 +135,8 @@ class VocabParallelEmbedding(torch.nn.Module):
         self.vocab_end = self.vocab_start + local
         full = _full if _full is not None else torch.nn.Embedding(num_embeddings, embedding_dim, device=device,
                                                                     dtype=dtype)
-        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[self.vocab_start:self.vocab_end].clone()), 0)
+        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[self.vocab_start:self.vocab_end].clone()), 0,
+                            full.weight.shape)
 
     @classmethod
     def from_embedding(cls, embedding: torch.nn.Embedding, group):
