@@ -218,9 +218,11 @@ def tp_hf_model(kind):
         return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32,
                                                 bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_pdrop=0.0,
                                                 resid_pdrop=0.0, embd_pdrop=0.0))
-    if kind == "llama":  # grouped-query attention, gated MLP, untied head
+    if kind.startswith("llama"):  # grouped-query attention, gated MLP, untied head
+        heads, kv_heads = (8, 4) if kind == "llama_kv4" else (4, 2)
         return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                                  num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                                  vocab_size=64,
                                                   max_position_embeddings=32, tie_word_embeddings=False,
                                                   bos_token_id=0, eos_token_id=0, pad_token_id=0))
     return tf.BertForMaskedLM(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,  # tied, biased
@@ -254,7 +256,8 @@ def _train_hf(rank, world, kind, tp):
     return losses, after, engine.get_global_grad_norm(), printed.getvalue()
 
 
-@pytest.mark.parametrize("kind,world,tp", [("gpt2", 2, 2), ("llama", 2, 2), ("bert", 2, 2), ("llama", 4, 2)])
+@pytest.mark.parametrize("kind,world,tp", [("gpt2", 2, 2), ("llama", 2, 2), ("bert", 2, 2), ("llama", 4, 2),
+                                            ("gpt2", 4, 4), ("bert", 4, 4), ("llama_kv4", 4, 4)])
 def test_autotp_hugging_face_models_match_one_process(kind, world, tp):
     from zero3_models import hf_batch
     pytest.importorskip("transformers")
@@ -369,3 +372,48 @@ def test_tp_checkpoint_consolidates_to_the_plain_hugging_face_model(saved_at_tp2
         loss = sum(model(**{k: v[m * MICRO:(m + 1) * MICRO] for k, v in whole.items()}).loss.item()
                    for m in range(ACCUM * 2)) / (ACCUM * 2)
     assert loss == pytest.approx(expected[0], rel=1e-5)
+
+
+# --- tensor parallelism inside pipeline stages --------------------------------------------------------------
+
+
+def _pipe_tp(rank, world, stages, tp, save_dir, load):
+    from zerofuse.pipe import PipelineModule
+    grid = tensor_parallel_grid(tp, pipe_size=stages)
+    group = grid.get_tensor_model_parallel_group()
+    model = PipelineModule(tm.pipeline_specs(group), topology=grid.topology(), loss_fn=tm.HeadLoss(group),
+                           seed_layers=True, partition_method="uniform")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        engine, *_ = zerofuse.initialize(model=model, config=config(1))
+    if load:
+        engine.load_checkpoint(save_dir)
+    first = 2 if load else 0
+    losses = [engine.train_batch(iter([tuple(t[m * MICRO:(m + 1) * MICRO] for t in tm_batch(s, MICRO * ACCUM))
+                                       for m in range(ACCUM)])).item() for s in range(first, first + 2)]
+    if not load:
+        engine.save_checkpoint(save_dir, tag="t")
+        losses += [engine.train_batch(iter([tuple(t[m * MICRO:(m + 1) * MICRO] for t in tm_batch(s, MICRO * ACCUM))
+                                            for m in range(ACCUM)])).item() for s in (2, 3)]
+    return losses, printed.getvalue(), engine.get_global_grad_norm()
+
+
+def test_tensor_parallel_stages_in_a_pipeline_match_one_process_and_reshard(tmp_path):
+    save_dir = str(tmp_path)
+    losses, printed, norm = run_world(4, _pipe_tp, 2, 2, save_dir, False)  # 2 stages x tp 2
+    assert "2 pipeline stages x 1 data-parallel x 2 tensor-parallel" in printed
+    model = tm.PipelineReference()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=(0.9, 0.99))
+    expected = []
+    for step in range(4):
+        opt.zero_grad()
+        loss = model(*tm_batch(step, MICRO * ACCUM))
+        loss.backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item()
+        opt.step()
+        expected.append(loss.item())
+    assert losses == pytest.approx(expected, rel=1e-5)
+    assert norm == pytest.approx(ref_norm, rel=1e-4)
+    # The checkpoint (per layer, whole tensors) resumes as one stage split over 2 ranks, and as 2 whole stages.
+    for stages, tp in ((1, 2), (2, 1)):
+        resumed, _, _ = run_world(2, _pipe_tp, stages, tp, save_dir, True)
+        assert resumed == pytest.approx(expected[2:], rel=1e-5), (stages, tp)

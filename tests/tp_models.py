@@ -92,3 +92,69 @@ def full_slice(full_value, param, group):
         return full_value
     world, rank = tp_world(group), torch.distributed.get_rank(group)
     return full_value.chunk(world, dim=param.partition_dim)[rank]
+
+
+# --- the same GPT as pipeline layers with tensor-parallel stages ---------------------------------------------
+
+
+class ParallelEmbeddings(torch.nn.Module):
+    """Token (vocabulary-parallel) and position embeddings, built whole and sliced."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.wte = VocabParallelEmbedding.from_embedding(torch.nn.Embedding(VOCAB, WIDTH), group)
+        self.wpe = torch.nn.Embedding(SEQ, WIDTH)
+
+    def forward(self, tokens):
+        return self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1]))
+
+
+class PipeBlock(ParallelBlock):
+    def __init__(self, group):
+        super().__init__(Block(), group)
+
+
+class FinalNorm(zerofuse.nn.LayerNorm):
+    def __init__(self):
+        super().__init__(WIDTH)
+
+
+def hidden_and_head(embeddings, x):
+    return x, embeddings.wte.weight
+
+
+class HeadLoss:
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, outputs, targets):
+        x, weight = outputs
+        return linear_vocab_parallel_cross_entropy(x, weight, targets, self.group)
+
+
+def pipeline_specs(group):
+    from zerofuse.pipe import LayerSpec, TiedLayerSpec
+    tied = dict(tied_weight_attr="wte.weight")
+    return [TiedLayerSpec("embed", ParallelEmbeddings, group, **tied),
+            *[LayerSpec(PipeBlock, group) for _ in range(LAYERS)], LayerSpec(FinalNorm),
+            TiedLayerSpec("embed", ParallelEmbeddings, group, forward_fn=hidden_and_head, **tied)]
+
+
+class PipelineReference(torch.nn.Module):
+    """pipeline_specs' model whole, in one process, with PipelineModule's layer seeds (base 1234)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1234)
+        self.wte, self.wpe = torch.nn.Embedding(VOCAB, WIDTH), torch.nn.Embedding(SEQ, WIDTH)
+        self.blocks = torch.nn.ModuleList()
+        for i in range(LAYERS):
+            torch.manual_seed(1234 + 1 + i)
+            self.blocks.append(Block())
+        self.ln_f = FinalNorm()
+
+    def forward(self, tokens, targets):
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return F.cross_entropy(F.linear(self.ln_f(x), self.wte.weight).float().view(-1, VOCAB), targets.reshape(-1))

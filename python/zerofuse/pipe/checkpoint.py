@@ -25,6 +25,8 @@ import torch.distributed as dist
 from ..runtime import client_state as client_codec
 from ..runtime.checkpoint import (_param_table, _rng_name, _shard_name, begin_save, common_manifest, publish)
 from ..runtime.checkpoint_files import rng_state, save_file
+from ..tp.checkpoint import whole_state
+from ..tp.whole import spec_of
 
 
 def _layer_file(idx):
@@ -64,8 +66,14 @@ def save_pipeline_checkpoint(engine, save_dir, tag, client_state, save_latest=Tr
     rank, writes_layers = grid.global_rank, grid.data_parallel_id == 0
     tag, final, partial = begin_save(engine, save_dir, tag, creates=rank == 0)
 
-    # The whole model's parameter table and key order, from every stage in stage order.
+    # The whole model's parameter table and key order, from every stage in stage order
+    # (tensor-parallel slices under their whole shapes, with how they are cut).
     table, order = _param_table(engine)
+    own = dict(opt.named_trainable_parameters())
+    for entry in table:
+        spec = spec_of(own[entry["name"]])
+        if spec is not None and engine.tp is not None:
+            entry["shape"], entry["tp"] = list(spec.shape), spec.to_json()
     names, keys, params = [], {}, {}
     for their_table, their_order in _everyone((table, order)):
         for entry in their_table:
@@ -84,31 +92,35 @@ def save_pipeline_checkpoint(engine, save_dir, tag, client_state, save_latest=Tr
         save_file(_without(opt_state, index, skip), os.path.join(partial, shard))
     save_file(rng_state(), os.path.join(partial, _rng_name(rank)))
     layer_files = []
-    if writes_layers:
+    if writes_layers:  # data-parallel rank 0 of the stage; with tensor parallelism its group gathers, rank 0 writes
         frozen = {id(p) for p in module.parameters() if not p.requires_grad} if exclude_frozen_parameters else set()
         for idx, prefix, layer in module.layer_modules():
-            state = {k: v.detach().cpu().clone() for k, v in layer.state_dict(keep_vars=True).items()
-                     if id(v) not in frozen}
-            save_file(state, os.path.join(partial, _layer_file(idx)))
-            layer_files.append({"file": _layer_file(idx), "prefix": prefix, "layer": idx})
-    written = _everyone((shard, layer_files))
+            state = whole_state(layer.state_dict(keep_vars=True), engine.tp, frozen)
+            if engine.tp is None or engine.tp.rank == 0:
+                save_file(state, os.path.join(partial, _layer_file(idx)))
+                layer_files.append({"file": _layer_file(idx), "prefix": prefix, "layer": idx})
+    tp_rank = engine.tp.rank if engine.tp is not None else 0
+    written = _everyone((shard, layer_files, tp_rank))
     engine._checkpoint_barrier()
 
     if rank == 0:
         manifest = common_manifest(engine, tag, opt_state, client_json, client_tensors)
         manifest.update({
             "world_size": grid.world_size,
-            "shard_files": [s for s, _ in written if s is not None],
+            "shard_files": [s for s, _, _ in written if s is not None],
+            "shard_tp_ranks": [t for s, _, t in written if s is not None],
             "rng_files": [_rng_name(r) for r in range(grid.world_size)],
             "params": [params[n] for n in names],
             "state_dict_keys": list(keys),
             "frozen_excluded": bool(exclude_frozen_parameters),
-            "layer_files": sorted((f for _, files in written for f in files), key=lambda f: f["layer"]),
+            "layer_files": sorted((f for _, files, _ in written for f in files), key=lambda f: f["layer"]),
             "pipeline": {"num_stages": engine.num_stages, "data_parallel_size": grid.data_parallel_size,
                          "parts": module.partitions()},
+            "tensor_parallel": {"size": engine.tp.size} if engine.tp is not None else None,
         })
         if client_tensors:
-            save_file({str(i): t for i, t in enumerate(client_tensors)}, os.path.join(partial, manifest["client_tensors"]))
+            save_file({str(i): t for i, t in enumerate(client_tensors)},
+                      os.path.join(partial, manifest["client_tensors"]))
         publish(save_dir, tag, partial, manifest, save_latest)
     engine._checkpoint_barrier()
     return final

@@ -39,9 +39,6 @@ class PipelineEngine(Engine):
         if not isinstance(model, PipelineModule):
             raise TypeError(f"PipelineEngine: 'model' must be a PipelineModule, got {type(model).__name__}")
         grid = model.mpu()
-        if grid.model_parallel_size > 1:
-            raise PipelineError("pipeline stages split by tensor (model) parallelism are not supported yet; "
-                                "use a topology whose 'model' axis is 1")
         self.grid = grid  # before Engine.__init__, whose reports ask who reports
         super().__init__(model, config, model_parameters, optimizer, lr_scheduler, training_data,
                          grid.get_data_parallel_group() if dist.is_initialized() else None, collate_fn)
@@ -61,9 +58,18 @@ class PipelineEngine(Engine):
         self.link = StageLink(grid, self.device, c.pipeline_timeout, model.dynamic_shape)
         if self.num_stages > 1:
             self.optimizer.extra_stat_groups.append(grid.get_pipe_parallel_group())
-        not_primary = model.tied_parameters_not_primary()
-        if not_primary:
-            self.optimizer.exclude_from_norm(not_primary)
+        # Counted once in the gradient statistics: a tied weight on its primary stage, a parameter
+        # replicated over the stage's tensor-parallel group (Megatron layers inside stages) on its rank 0.
+        not_counted = model.tied_parameters_not_primary()
+        if grid.model_parallel_size > 1:
+            from ..runtime.engine import TensorParallel
+            self.tp = TensorParallel(grid.get_model_parallel_group(), grid.model_parallel_id, grid.model_parallel_size)
+            self.optimizer.extra_stat_groups.append(self.tp.group)
+            if self.tp.rank != 0:
+                not_counted += [p for _, p in self.optimizer.named_trainable_parameters()
+                                if not getattr(p, "tensor_model_parallel", False)]
+        if not_counted:
+            self.optimizer.exclude_from_norm(not_counted)
         self._tied_slices = self._tied_gradient_slices(model)
         self.data_iterator = None
         self.last_bubble_fraction = None
@@ -79,8 +85,9 @@ class PipelineEngine(Engine):
 
     def _describe_world(self) -> str:
         g = self.grid
+        tensor = f" x {g.model_parallel_size} tensor-parallel" if g.model_parallel_size > 1 else ""
         return (f"world size {g.world_size} ({g.pipe_parallel_size} pipeline stages x {g.data_parallel_size} "
-                f"data-parallel)")
+                f"data-parallel{tensor})")
 
     @property
     def global_rank(self) -> int:
@@ -230,8 +237,9 @@ class PipelineEngine(Engine):
         if self.is_first_stage() or self.is_last_stage():
             batch = next(data_iter)
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                size = f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""
                 raise PipelineError(f"each item of a pipeline's data iterator must be (inputs, labels), got "
-                                    f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of {len(batch)}'}")
+                                    f"{type(batch).__name__}{size}")
         if self.is_first_stage():
             received = batch[0] if not isinstance(batch[0], list) else tuple(batch[0])
         else:
@@ -290,11 +298,13 @@ class PipelineEngine(Engine):
         rank 0 (None elsewhere); a tied module once. Every rank must call it."""
         frozen = {id(p) for p in self.module.parameters() if not p.requires_grad} \
             if exclude_frozen_parameters else set()
+        from ..tp.checkpoint import whole_state
         mine = {}
-        if self.grid.data_parallel_id == 0:
+        if self.grid.data_parallel_id == 0:  # tensor-parallel slices gathered whole within the stage
             for _, prefix, layer in self.module.layer_modules():
-                mine.update((prefix + k, v.detach().cpu().clone()) for k, v in layer.state_dict(keep_vars=True).items()
-                            if id(v) not in frozen)
+                state = whole_state(layer.state_dict(keep_vars=True), self.tp, frozen)
+                if self.tp is None or self.tp.rank == 0:
+                    mine.update((prefix + k, v) for k, v in state.items())
         if not dist.is_initialized():
             return mine
         everyone = [None] * self.grid.world_size if self.grid.global_rank == 0 else None

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..runtime import distributed
 from .partition import layer_type_name, partition_layers
-from .topology import PipeDataParallelTopology, PipelineParallelGrid, ProcessTopology
+from .topology import PipeDataParallelTopology, PipelineParallelGrid, ProcessTopology, grid_for
 
 
 class PipelineError(Exception):
@@ -127,7 +127,7 @@ class PipelineModule(nn.Module):
         elif "pipe" not in topology.get_axis_names():
             raise ValueError(f"PipelineModule: the topology needs a 'pipe' axis, has {topology.get_axis_names()}")
         self._topo = topology
-        self._grid = PipelineParallelGrid(topology=topology)
+        self._grid = grid_for(topology)
         self.num_stages = topology.get_dim("pipe")
         self.stage_id = self._grid.stage_id
         self.global_rank = self._grid.global_rank
@@ -242,7 +242,8 @@ class PipelineModule(nn.Module):
 
     def stage_owner(self, layer_idx: int) -> int:
         if not 0 <= layer_idx < len(self._layer_specs):
-            raise ValueError(f"PipelineModule.stage_owner: layer {layer_idx} is outside 0..{len(self._layer_specs) - 1}")
+            raise ValueError(f"PipelineModule.stage_owner: layer {layer_idx} is outside "
+                             f"0..{len(self._layer_specs) - 1}")
         for stage in range(self.num_stages):
             if self.parts[stage] <= layer_idx < self.parts[stage + 1]:
                 return stage

@@ -200,3 +200,17 @@ class PipelineParallelGrid:
     get_slice_parallel_group = get_model_parallel_group
     get_slice_parallel_rank = get_model_parallel_rank
     get_slice_parallel_world_size = get_model_parallel_world_size
+
+
+_GRIDS = {}  # (axes, dims) -> the grid built for that topology in this process
+
+
+def grid_for(topology: ProcessTopology) -> PipelineParallelGrid:
+    """The grid of `topology`, built once per process: a PipelineModule given
+    the topology of a grid the script already made (zerofuse.tp.tensor_parallel_grid)
+    shares its groups, so tensor-parallel layers built with that grid's
+    group run inside the pipeline's stages."""
+    key = (tuple(topology.axes), tuple(topology.dims), dist.group.WORLD if dist.is_initialized() else None)
+    if key not in _GRIDS:
+        _GRIDS[key] = PipelineParallelGrid(topology=topology)
+    return _GRIDS[key]

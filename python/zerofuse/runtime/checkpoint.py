@@ -458,7 +458,7 @@ def _tensor_parallel_pieces_for(engine, wanted, path, manifest, state_names):
         spec = getattr(params[w.name], "tp_whole", None)
         for k in names:
             value = whole[w.name][k]
-            if spec is not None:
+            if spec is not None and engine.tp is not None:
                 value = local_from_whole(value, spec, engine.tp.rank, engine.tp.size)
             out[k].append(value.reshape(-1)[w.first:w.first + w.length])
     return {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}

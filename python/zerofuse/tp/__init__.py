@@ -25,7 +25,7 @@ def tensor_parallel_grid(tp_size: int, pipe_size: int = 1):
     """The process grid for tp_size-way tensor parallelism (ranks of a group
     adjacent, as Megatron), data parallel over the rest of the world; an
     object with Megatron's mpu interface. Every rank must call it."""
-    from ..pipe.topology import PipelineParallelGrid, PipeModelDataParallelTopology
+    from ..pipe.topology import PipeModelDataParallelTopology, grid_for
     from ..runtime.distributed import join_launched_group
 
     join_launched_group()
@@ -34,11 +34,12 @@ def tensor_parallel_grid(tp_size: int, pipe_size: int = 1):
         raise ValueError(f"tensor_parallel_grid: tp_size ({tp_size}) x pipe_size ({pipe_size}) must divide the "
                          f"world size ({world})")
     topology = PipeModelDataParallelTopology(num_pp=pipe_size, num_mp=tp_size, num_dp=world // (tp_size * pipe_size))
-    return PipelineParallelGrid(topology=topology)
+    return grid_for(topology)  # a PipelineModule given grid.topology() uses this same grid
 
 
 from .auto import AutoTPError, tp_model_init  # noqa: E402  (auto uses tensor_parallel_grid from here)
 
-__all__ = ["AutoTPError", "tp_model_init", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "copy_to_tensor_parallel",
+__all__ = ["AutoTPError", "tp_model_init", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+           "copy_to_tensor_parallel",
            "gather_from_tensor_parallel", "linear_vocab_parallel_cross_entropy", "reduce_from_tensor_parallel",
            "scatter_to_tensor_parallel", "tensor_parallel_grid", "vocab_parallel_cross_entropy"]

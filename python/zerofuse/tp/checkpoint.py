@@ -22,17 +22,15 @@ from ..runtime.checkpoint_files import rng_state, save_file
 from .whole import spec_of, whole_from_locals
 
 
-def whole_module_state(engine, exclude_frozen_parameters=False):
-    """The model's state_dict with every split parameter gathered whole, on the
-    CPU; every rank of a tensor-parallel group must call it."""
-    tp = engine.tp
+def whole_state(state_with_vars, tp, skip=frozenset()):
+    """A state_dict(keep_vars=True) with every split tensor gathered whole over
+    the tensor-parallel group `tp` (None: as it is), on the CPU; every rank of
+    the group must call it. `skip`: ids of tensors to leave out."""
     out = OrderedDict()
-    frozen = {id(p) for p in engine.module.parameters() if not p.requires_grad} if exclude_frozen_parameters \
-        else set()
-    for key, value in engine.module.state_dict(keep_vars=True).items():
-        if id(value) in frozen:
+    for key, value in state_with_vars.items():
+        if id(value) in skip:
             continue
-        spec = spec_of(value)
+        spec = spec_of(value) if tp is not None else None
         tensor = value.detach()
         if spec is not None:
             parts = [torch.empty_like(tensor) for _ in range(tp.size)]
@@ -40,6 +38,13 @@ def whole_module_state(engine, exclude_frozen_parameters=False):
             tensor = whole_from_locals(parts, spec)
         out[key] = tensor.cpu().clone()
     return out
+
+
+def whole_module_state(engine, exclude_frozen_parameters=False):
+    """The model's state_dict with every split parameter gathered whole."""
+    frozen = {id(p) for p in engine.module.parameters() if not p.requires_grad} if exclude_frozen_parameters \
+        else set()
+    return whole_state(engine.module.state_dict(keep_vars=True), engine.tp, frozen)
 
 
 def save_tensor_parallel_checkpoint(engine, save_dir, tag, client_state, save_latest=True,

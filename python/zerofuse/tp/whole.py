@@ -24,8 +24,8 @@ class WholeSpec(NamedTuple):
     transposed: bool = False
 
     def to_json(self) -> dict:
-        return {"shape": list(self.shape), "dim": self.dim, "splits": None if self.splits is None else list(self.splits),
-                "transposed": self.transposed}
+        return {"shape": list(self.shape), "dim": self.dim,
+                "splits": None if self.splits is None else list(self.splits), "transposed": self.transposed}
 
     @classmethod
     def from_json(cls, d: dict) -> "WholeSpec":
