@@ -237,20 +237,7 @@ def _train_hf(rank, world, kind, tp):
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         engine, *_ = zerofuse.initialize(model=model, config=cfg)
     grid = model.zerofuse_tp_grid
-    dp, d = grid.get_data_parallel_world_size(), grid.get_data_parallel_rank()
-    losses = []
-    for step in range(STEPS):
-        whole = hf_batch(step, MICRO * ACCUM * dp)
-        total = torch.zeros(())
-        for m in range(ACCUM):
-            rows = slice((m * dp + d) * MICRO, (m * dp + d + 1) * MICRO)
-            loss = engine(**{k: v[rows] for k, v in whole.items()}).loss
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach()
-        if dp > 1:
-            dist.all_reduce(total, group=grid.get_data_parallel_group())
-        losses.append(total.item() / (ACCUM * dp))
+    losses = _hf_steps(engine, grid.get_data_parallel_world_size(), grid.get_data_parallel_rank(), STEPS, 0, ACCUM)
     with torch.no_grad():  # the trained weights, seen through a batch none of the steps used
         after = engine(**hf_batch(99, 3)).loss.item()
     return losses, after, engine.get_global_grad_norm(), printed.getvalue()

@@ -14,20 +14,7 @@ import deepspeed
 import torch
 import torch.nn as nn
 from deepspeed.pipe import PipelineModule
-
-
-class SyntheticImages(torch.utils.data.Dataset):
-    def __init__(self, n=512, classes=10, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, classes, (n,), generator=g)
-        shift = torch.linspace(-1, 1, classes)[self.labels].view(n, 1, 1, 1)
-        self.images = torch.randn(n, 3, 32, 32, generator=g) * 0.5 + shift
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
+from image_classifier import SyntheticImages  # the example beside this one (synthetic, no download)
 
 
 def get_args():
@@ -60,7 +47,7 @@ def main():
                          partition_method="parameters", activation_checkpoint_interval=0)
     engine, _, _, _ = deepspeed.initialize(args=args, model=net,
                                            model_parameters=[p for p in net.parameters() if p.requires_grad],
-                                           training_data=SyntheticImages())
+                                           training_data=SyntheticImages(n=512))
     for step in range(args.steps):
         loss = engine.train_batch()
         if engine.global_rank == 0 and (step + 1) % 5 == 0:

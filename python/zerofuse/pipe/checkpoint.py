@@ -118,9 +118,6 @@ def save_pipeline_checkpoint(engine, save_dir, tag, client_state, save_latest=Tr
                          "parts": module.partitions()},
             "tensor_parallel": {"size": engine.tp.size} if engine.tp is not None else None,
         })
-        if client_tensors:
-            save_file({str(i): t for i, t in enumerate(client_tensors)},
-                      os.path.join(partial, manifest["client_tensors"]))
-        publish(save_dir, tag, partial, manifest, save_latest)
+        publish(save_dir, tag, partial, manifest, save_latest, client_tensors)
     engine._checkpoint_barrier()
     return final

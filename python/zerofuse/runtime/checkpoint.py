@@ -109,8 +109,6 @@ def save_checkpoint(engine, save_dir, tag, client_state, save_latest=True, exclu
     states = _model_states(engine, exclude_frozen_parameters)  # ZeRO-3: every rank takes part
     if rank == 0:
         save_file(states, os.path.join(partial, MODEL_STATES))
-        if client_tensors:
-            save_file({str(i): t for i, t in enumerate(client_tensors)}, os.path.join(partial, CLIENT_TENSORS))
     _barrier(engine)
 
     if rank == 0:
@@ -124,7 +122,7 @@ def save_checkpoint(engine, save_dir, tag, client_state, save_latest=True, exclu
             "state_dict_keys": order,
             "frozen_excluded": bool(exclude_frozen_parameters),
         })
-        publish(save_dir, tag, partial, manifest, save_latest)
+        publish(save_dir, tag, partial, manifest, save_latest, client_tensors)
     _barrier(engine)
     return final
 
@@ -154,9 +152,12 @@ def common_manifest(engine, tag, opt_state, client_json, client_tensors) -> dict
     }
 
 
-def publish(save_dir, tag, partial, manifest, save_latest):
-    """Write the manifest into the complete `partial` directory, swap it in
-    as `tag`, then point `latest` at it (rank 0, after every rank wrote its files)."""
+def publish(save_dir, tag, partial, manifest, save_latest, client_tensors=()):
+    """Write client_state's tensors and the manifest into the complete
+    `partial` directory, swap it in as `tag`, then point `latest` at it (rank
+    0, after every rank wrote its files)."""
+    if client_tensors:
+        save_file({str(i): t for i, t in enumerate(client_tensors)}, os.path.join(partial, CLIENT_TENSORS))
     final = os.path.join(save_dir, tag)
     write_text(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1))
     old = os.path.join(save_dir, f".{tag}.old")

@@ -87,9 +87,6 @@ def save_tensor_parallel_checkpoint(engine, save_dir, tag, client_state, save_la
             "frozen_excluded": bool(exclude_frozen_parameters),
             "tensor_parallel": {"size": tp.size},
         })
-        if client_tensors:
-            save_file({str(i): t for i, t in enumerate(client_tensors)},
-                      os.path.join(partial, manifest["client_tensors"]))
-        publish(save_dir, tag, partial, manifest, save_latest)
+        publish(save_dir, tag, partial, manifest, save_latest, client_tensors)
     engine._checkpoint_barrier()
     return final
