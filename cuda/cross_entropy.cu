@@ -26,7 +26,7 @@ __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     ce_forward(const T* logits, const std::int64_t* target, std::int64_t v, std::int64_t ignore_index,
-               float smoothing, float* loss, float* lse) {
+               float smoothing, std::int64_t vocab_start, std::int64_t vocab_total, float* loss, float* lse) {
   const std::int64_t row = blockIdx.x;
   const T* x = logits + row * v;
   MaxSum acc{-INFINITY, 0.0f};
@@ -65,12 +65,15 @@ __global__ void __launch_bounds__(kThreads)
     const float row_lse = r.m + logf(r.s);
     lse[row] = row_lse;
     const std::int64_t tr = target[row];
+    const bool slice = vocab_total > 0;  // tensor parallelism: see cross_entropy.h
+    const std::int64_t classes = slice ? vocab_total : v, lt = tr - vocab_start;
     if (tr == ignore_index) {
       loss[row] = 0.0f;
-    } else if (tr < 0 || tr >= v) {
+    } else if (tr < 0 || tr >= classes) {
       loss[row] = NAN;  // an invalid target: the Python op also queues a device-side assertion
     } else {
-      loss[row] = row_lse - (1.0f - smoothing) * to_float(x[tr]) - smoothing * t / float(v);
+      const float target_term = (lt >= 0 && lt < v) ? (1.0f - smoothing) * to_float(x[lt]) : 0.0f;
+      loss[row] = (slice ? 0.0f : row_lse) - target_term - smoothing * t / float(classes);
     }
   }
 }
@@ -78,17 +81,19 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     ce_backward(const T* logits, const std::int64_t* target, const float* lse, const float* grad, bool per_row,
-                std::int64_t v, std::int64_t ignore_index, float smoothing, T* dlogits) {
+                std::int64_t v, std::int64_t ignore_index, float smoothing, std::int64_t vocab_start,
+                std::int64_t vocab_total, T* dlogits) {
   const std::int64_t row = blockIdx.x;
   const T* x = logits + row * v;
   T* dx = dlogits + row * v;
   const std::int64_t tr = target[row];
-  const bool ignored = tr == ignore_index || tr < 0 || tr >= v;
+  const std::int64_t classes = vocab_total > 0 ? vocab_total : v, lt = tr - vocab_start;
+  const bool ignored = tr == ignore_index || tr < 0 || tr >= classes;
   const float g = per_row ? grad[row] : grad[0];
-  const float row_lse = lse[row], uniform = smoothing / float(v);
+  const float row_lse = lse[row], uniform = smoothing / float(classes);
   for (std::int64_t j = threadIdx.x; j < v; j += kThreads) {
     const float p = __expf(to_float(x[j]) - row_lse);
-    const float value = ignored ? 0.0f : g * (p - uniform - (j == tr ? 1.0f - smoothing : 0.0f));
+    const float value = ignored ? 0.0f : g * (p - uniform - (j == lt ? 1.0f - smoothing : 0.0f));
     dx[j] = from_float<T>(value);
   }
 }
@@ -105,6 +110,7 @@ void cross_entropy_forward(const TensorView& logits, const TensorView& target, c
     ce_forward<T><<<unsigned(n), kThreads, 0, stream_of(s)>>>(logits.data_as<const T>(),
                                                               target.data_as<const std::int64_t>(), v,
                                                               config.ignore_index, float(config.label_smoothing),
+                                                              config.vocab_start, config.vocab_total,
                                                               loss.data_as<float>(), lse.data_as<float>());
     ZF_CUDA_CHECK_LAUNCH("ce_forward");
   });
@@ -121,7 +127,7 @@ void cross_entropy_backward(const TensorView& logits, const TensorView& target, 
     ce_backward<T><<<unsigned(n), kThreads, 0, stream_of(s)>>>(
         logits.data_as<const T>(), target.data_as<const std::int64_t>(), lse.data_as<const float>(),
         grad.data_as<const float>(), grad.numel() == n && n != 1, v, config.ignore_index,
-        float(config.label_smoothing), dlogits.data_as<T>());
+        float(config.label_smoothing), config.vocab_start, config.vocab_total, dlogits.data_as<T>());
     ZF_CUDA_CHECK_LAUNCH("ce_backward");
   });
 }

@@ -52,6 +52,53 @@ def test_cross_entropy_all_ignored_and_inplace_backward():
     assert_close(logits.grad, x64.grad, torch.float32, factor=8)
 
 
+def check_vocabulary_slices(device, dtype=torch.float32, widths=(5, 9, 3)):
+    """The kernels on column slices of each row (tensor parallelism): the
+    slices' log-sum-exps and loss shares combine into F.cross_entropy, and
+    each slice's backward with the whole row's log-sum-exp is its slice of
+    the gradient -- against float64, with label smoothing and ignored rows."""
+    g = torch.Generator().manual_seed(5)
+    total = sum(widths)
+    logits = (torch.randn(7, total, generator=g) * 3).to(device, dtype)
+    target = torch.randint(0, total, (7,), generator=g).to(device)
+    target[3] = -100
+    grad = torch.randn(7, generator=g).to(device)
+    shares, lses, starts = [], [], [0]
+    for w in widths:
+        part = logits[:, starts[-1]:starts[-1] + w].contiguous()
+        share, lse = torch.empty(7, device=device), torch.empty(7, device=device)
+        _C.cross_entropy_forward(part, target, -100, 0.1, share, lse, vocab_start=starts[-1], vocab_total=total)
+        shares.append(share)
+        lses.append(lse)
+        starts.append(starts[-1] + w)
+    lse = torch.logsumexp(torch.stack(lses), dim=0)
+    loss = (lse + torch.stack(shares).sum(0)) * (target != -100)
+    x64 = logits.double().cpu().requires_grad_(True)
+    ref = F.cross_entropy(x64, target.cpu(), reduction="none", label_smoothing=0.1)
+    ref.backward(grad.double().cpu())
+    assert_close(loss, ref, torch.float32, factor=16, what="sliced loss")
+    parts = []
+    for w, start in zip(widths, starts):
+        part = logits[:, start:start + w].contiguous()
+        out = torch.empty_like(part)
+        _C.cross_entropy_backward(part, target, lse, grad, -100, 0.1, out, vocab_start=start, vocab_total=total)
+        parts.append(out)
+    assert_close(torch.cat(parts, dim=1), x64.grad, dtype, factor=16, what="sliced gradient")
+
+
+def test_cross_entropy_kernels_on_vocabulary_slices():
+    check_vocabulary_slices("cpu")
+    check_vocabulary_slices("cpu", torch.bfloat16)
+    part = torch.zeros(2, 4)
+    rows = torch.empty(2)
+    with pytest.raises(ValueError, match="must lie within"):
+        _C.cross_entropy_forward(part, torch.tensor([0, 1]), -100, 0.0, rows, rows.clone(), vocab_start=7,
+                                 vocab_total=10)
+    with pytest.raises(ValueError, match=r"out of range \[0, 10\)"):
+        _C.cross_entropy_forward(part, torch.tensor([0, 10]), -100, 0.0, rows, rows.clone(), vocab_start=4,
+                                 vocab_total=10)
+
+
 def test_cross_entropy_bad_input():
     x = torch.randn(3, 5)
     with pytest.raises(ValueError, match=r"target\[2\] = 7 is out of range \[0, 5\) and is not ignore_index"):

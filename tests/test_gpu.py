@@ -389,6 +389,12 @@ def test_cross_entropy_kernels(dtype, v):
     assert torch.equal(logits, dlogits)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cross_entropy_kernels_on_vocabulary_slices(dtype):
+    from test_fused_ops import check_vocabulary_slices
+    check_vocabulary_slices(CUDA, dtype, widths=(700, 1300, 29))
+
+
 @pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
 def test_cross_entropy_out_of_range_target_fails_on_cuda(op):
     """As torch's own cross_entropy on CUDA: a device-side assertion, no host

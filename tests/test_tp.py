@@ -25,10 +25,10 @@ MICRO, ACCUM, STEPS, LR, WD, CLIP = 2, 2, 3, 1e-2, 0.1, 0.5
 
 def _loss_pieces(rank, world, smoothing, reduction):
     g = torch.Generator().manual_seed(7)
-    logits = torch.randn(13, 4 * world * 3, generator=g, dtype=torch.float64) * 3
+    logits = torch.randn(13, 4 * world * 3, generator=g) * 3  # float32: the loss kernel's widest input
     target = torch.randint(0, logits.shape[1], (13,), generator=g)
     target[[2, 7]] = -100
-    grad_out = torch.randn(13, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(13, generator=g, dtype=torch.float64)  # float64: the reference's
     mine = logits.chunk(world, dim=1)[rank].clone().requires_grad_(True)
     loss = vocab_parallel_cross_entropy(mine, target, dist.group.WORLD, label_smoothing=smoothing,
                                         reduction=reduction)
@@ -41,11 +41,11 @@ def _loss_pieces(rank, world, smoothing, reduction):
 @pytest.mark.parametrize("world,smoothing,reduction", [(2, 0.0, "mean"), (3, 0.1, "none"), (2, 0.2, "sum")])
 def test_vocab_parallel_cross_entropy_equals_the_whole_row_loss(world, smoothing, reduction):
     loss, grad, logits, target, grad_out = run_world(world, _loss_pieces, smoothing, reduction)
-    whole = logits.clone().requires_grad_(True)
+    whole = logits.double().requires_grad_(True)  # the reference in float64
     expected = F.cross_entropy(whole, target, label_smoothing=smoothing, reduction=reduction)
     (expected * grad_out).sum().backward() if reduction == "none" else expected.backward()
-    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-6, atol=1e-5)  # float32 math inside
-    torch.testing.assert_close(grad, whole.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-5)  # float32 math inside
+    torch.testing.assert_close(grad.double(), whole.grad, rtol=1e-4, atol=1e-6)
 
 
 # --- layers ------------------------------------------------------------------------------------------------

@@ -253,29 +253,34 @@ void bind_kernels(py::module_& m) {
   m.def(
       "cross_entropy_forward",
       [](py::handle logits, py::handle target, std::int64_t ignore_index, double label_smoothing, py::handle loss,
-         py::handle lse, py::handle stream) {
+         py::handle lse, py::handle stream, std::int64_t vocab_start, std::int64_t vocab_total) {
         Args a("zerofuse.cross_entropy");
         const TensorView x = a.tensor(logits, "logits"), t = a.tensor(target, "target"),
                          l = a.tensor(loss, "loss", true), z = a.tensor(lse, "lse", true);
         const Stream s = a.stream(stream, x.device);
         py::gil_scoped_release nogil;
-        cross_entropy_forward(x, t, CrossEntropyConfig{ignore_index, label_smoothing}, l, z, s);
+        cross_entropy_forward(x, t, CrossEntropyConfig{ignore_index, label_smoothing, vocab_start, vocab_total}, l, z,
+                              s);
       },
       arg("logits"), arg("target"), arg("ignore_index"), arg("label_smoothing"), arg("loss"), arg("lse"),
-      arg("stream") = py::none(), "Per-row softmax cross-entropy and logsumexp (see zerofuse/cross_entropy.h).");
+      arg("stream") = py::none(), arg("vocab_start") = 0, arg("vocab_total") = 0,
+      "Per-row softmax cross-entropy and logsumexp, of whole rows or of a vocabulary slice "
+      "(see zerofuse/cross_entropy.h).");
   m.def(
       "cross_entropy_backward",
       [](py::handle logits, py::handle target, py::handle lse, py::handle grad, std::int64_t ignore_index,
-         double label_smoothing, py::handle grad_logits, py::handle stream) {
+         double label_smoothing, py::handle grad_logits, py::handle stream, std::int64_t vocab_start,
+         std::int64_t vocab_total) {
         Args a("zerofuse.cross_entropy_backward");
         const TensorView x = a.tensor(logits, "logits"), t = a.tensor(target, "target"), z = a.tensor(lse, "lse"),
                          g = a.tensor(grad, "grad"), dx = a.tensor(grad_logits, "grad_logits", true);
         const Stream s = a.stream(stream, x.device);
         py::gil_scoped_release nogil;
-        cross_entropy_backward(x, t, z, g, CrossEntropyConfig{ignore_index, label_smoothing}, dx, s);
+        cross_entropy_backward(x, t, z, g, CrossEntropyConfig{ignore_index, label_smoothing, vocab_start, vocab_total},
+                               dx, s);
       },
       arg("logits"), arg("target"), arg("lse"), arg("grad"), arg("ignore_index"), arg("label_smoothing"),
-      arg("grad_logits"), arg("stream") = py::none(),
+      arg("grad_logits"), arg("stream") = py::none(), arg("vocab_start") = 0, arg("vocab_total") = 0,
       "Gradient of the per-row losses; grad_logits may be the logits tensor itself.");
   m.def(
       "bias_gelu_forward",

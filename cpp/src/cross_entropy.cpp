@@ -24,6 +24,9 @@ void check_common(const TensorView& logits, const TensorView& target, const Cros
   check_present(target, op, "target");
   if (!(c.label_smoothing >= 0.0 && c.label_smoothing <= 1.0))
     value_error(op, ": 'label_smoothing' must be in [0, 1], got ", c.label_smoothing);
+  if (c.vocab_total != 0 && (c.vocab_start < 0 || c.vocab_start + logits.shape[1] > c.vocab_total))
+    value_error(op, ": the slice [vocab_start, vocab_start + V) = [", c.vocab_start, ", ",
+                c.vocab_start + logits.shape[1], ") must lie within [0, vocab_total = ", c.vocab_total, ")");
 }
 
 void check_rows(const TensorView& t, const TensorView& logits, const char* op, const char* name) {
@@ -39,7 +42,7 @@ void check_rows(const TensorView& t, const TensorView& logits, const char* op, c
 void check_targets_on_host(const TensorView& logits, const TensorView& target, const CrossEntropyConfig& c,
                            const char* op) {
   const std::int64_t* t = target.data_as<const std::int64_t>();
-  const std::int64_t classes = logits.shape[1];
+  const std::int64_t classes = c.vocab_total > 0 ? c.vocab_total : logits.shape[1];
   for (std::int64_t i = 0; i < target.numel(); ++i)
     if (t[i] != c.ignore_index && (t[i] < 0 || t[i] >= classes))
       value_error(op, ": target[", i, "] = ", t[i], " is out of range [0, ", classes, ") and is not ignore_index (",

@@ -25,6 +25,8 @@ void forward_typed(const TensorView& logits, const TensorView& target, const Cro
   float* loss_out = loss.data_as<float>();
   float* lse_out = lse.data_as<float>();
   const float smoothing = float(c.label_smoothing);
+  const bool slice = c.vocab_total > 0;  // tensor parallelism: see cross_entropy.h
+  const float classes = float(slice ? c.vocab_total : v);
   detail::parallel_for(n, std::max<std::int64_t>(1, 16384 / std::max<std::int64_t>(v, 1)),
                        [&](std::int64_t r0, std::int64_t r1, int) {
     float block[kBlock];
@@ -55,8 +57,9 @@ void forward_typed(const TensorView& logits, const TensorView& target, const Cro
         loss_out[r] = 0.0f;
         continue;
       }
-      const float target_logit = to_float(row[tr]);
-      loss_out[r] = row_lse - (1.0f - smoothing) * target_logit - smoothing * total / float(v);
+      const std::int64_t lt = tr - c.vocab_start;  // the target's column in this slice, if it is here
+      const float target_term = (lt >= 0 && lt < v) ? (1.0f - smoothing) * to_float(row[lt]) : 0.0f;
+      loss_out[r] = (slice ? 0.0f : row_lse) - target_term - smoothing * total / classes;
     }
   });
 }
@@ -71,7 +74,8 @@ void backward_typed(const TensorView& logits, const TensorView& target, const Te
   const float* lse_in = lse.data_as<const float>();
   const float* g = grad.data_as<const float>();
   const bool per_row = grad.numel() == n && n != 1;
-  const float smoothing = float(c.label_smoothing), uniform = smoothing / float(v);
+  const float smoothing = float(c.label_smoothing);
+  const float uniform = smoothing / float(c.vocab_total > 0 ? c.vocab_total : v);
   detail::parallel_for(n, std::max<std::int64_t>(1, 16384 / std::max<std::int64_t>(v, 1)),
                        [&](std::int64_t r0, std::int64_t r1, int) {
     for (std::int64_t r = r0; r < r1; ++r) {
@@ -84,10 +88,12 @@ void backward_typed(const TensorView& logits, const TensorView& target, const Te
         continue;
       }
       const float row_lse = lse_in[r];
-      const float target_logit = to_float(row[tr]);  // read before an in-place write replaces it
+      const std::int64_t lt = tr - c.vocab_start;  // the target's column in this slice, if it is here
+      const bool here = lt >= 0 && lt < v;
+      const float target_logit = here ? to_float(row[lt]) : 0.0f;  // read before an in-place write replaces it
       for (std::int64_t j = 0; j < v; ++j)
         out[j] = from_float<T>(gr * (exp_approx(to_float(row[j]) - row_lse) - uniform));
-      out[tr] = from_float<T>(gr * (exp_approx(target_logit - row_lse) - uniform - (1.0f - smoothing)));
+      if (here) out[lt] = from_float<T>(gr * (exp_approx(target_logit - row_lse) - uniform - (1.0f - smoothing)));
     }
   });
 }

@@ -1,17 +1,20 @@
 """Cross-entropy over logits split by vocabulary across the tensor-parallel
-ranks, without gathering them: each rank reduces its [N, V/tp] slice to a
-row max, a sum of exponentials and (for the rank holding it) the target's
-logit; three all-reduces of [N] values combine them into the whole row's
-log-sum-exp and loss. The gradient is each rank's slice of softmax - one-hot
-(with label smoothing: softmax - (1 - e) one-hot - e / V), computed from the
-saved log-sum-exp. Math in float32 for any logits dtype; equal to
-F.cross_entropy on the gathered logits, ignore_index and label_smoothing
-included.
+ranks, without gathering them. zerofuse's loss kernel runs on each rank's
+[N, V/tp] slice (one pass: the slice's log-sum-exp and its share of the
+target terms, zerofuse/cross_entropy.h); two all-reduces of [N] values (the
+row max of the slices' log-sum-exps, then one sum of both rescaled values)
+give the whole row's log-sum-exp and loss. The backward is the same kernel's,
+with the whole row's log-sum-exp: each rank's slice of softmax - (1 - e)
+one-hot - e / V. Float32 math for any logits dtype; equal to F.cross_entropy
+on the gathered logits, ignore_index and label_smoothing included.
 """
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import _C
+from ..ops._library import stream_of
+from ..ops.cross_entropy import _assert_targets_in_range
 from .collectives import copy_to_tensor_parallel
 from .layers import tp_rank, tp_world
 
@@ -21,39 +24,34 @@ _REDUCTIONS = ("mean", "sum", "none")
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, ignore_index, label_smoothing):
-        z = logits.float()
-        local = z.shape[-1]
-        vocab = local * tp_world(group)
-        start = tp_rank(group) * local
-        row_max = z.max(dim=-1).values
-        if group is not None:
+        logits = logits.contiguous()
+        local = logits.shape[-1]
+        vocab, start = local * tp_world(group), tp_rank(group) * local
+        slice_args = dict(vocab_start=start, vocab_total=vocab)
+        # zerofuse's loss kernel on this slice: its log-sum-exp, and its share of the target terms.
+        share = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(share)
+        _C.cross_entropy_forward(logits, target, ignore_index, label_smoothing, share, lse, stream_of(logits),
+                                 **slice_args)
+        if group is not None:  # the row's log-sum-exp from the slices': max, then one sum of both row values
+            row_max = lse.clone()
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        sum_exp = torch.exp(z - row_max[:, None]).sum(dim=-1)
-        kept = target != ignore_index
-        mine = kept & (target >= start) & (target < start + local)
-        local_target = torch.where(mine, target - start, torch.zeros_like(target))
-        target_logit = z.gather(1, local_target[:, None]).squeeze(1) * mine
-        sums = torch.stack([sum_exp, target_logit, z.sum(dim=-1) if label_smoothing else torch.zeros_like(sum_exp)])
-        if group is not None:
-            dist.all_reduce(sums, group=group)  # one collective for the three row sums
-        lse = row_max + torch.log(sums[0])
-        loss = lse - (1.0 - label_smoothing) * sums[1] - label_smoothing * sums[2] / vocab
-        loss = loss * kept
-        ctx.save_for_backward(logits, lse, local_target, mine, kept)
-        ctx.label_smoothing, ctx.vocab = label_smoothing, vocab
+            sums = torch.stack([torch.exp(lse - row_max), share])
+            dist.all_reduce(sums, group=group)
+            lse, share = row_max + torch.log(sums[0]), sums[1]
+        loss = (lse + share) * (target != ignore_index)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.args = (ignore_index, label_smoothing, slice_args)
         return loss
 
     @staticmethod
     def backward(ctx, grad_rows):
-        logits, lse, local_target, mine, kept = ctx.saved_tensors
-        e = ctx.label_smoothing
-        grad = torch.exp(logits.float() - lse[:, None])
-        if e:
-            grad -= e / ctx.vocab
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_target] -= (1.0 - e) * mine
-        grad *= (grad_rows * kept)[:, None]
-        return grad.to(logits.dtype), None, None, None, None
+        logits, target, lse = ctx.saved_tensors
+        ignore_index, label_smoothing, slice_args = ctx.args
+        grad = torch.empty_like(logits)
+        _C.cross_entropy_backward(logits, target, lse, grad_rows.float().contiguous(), ignore_index, label_smoothing,
+                                  grad, stream_of(logits), **slice_args)
+        return grad, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits, target, group, ignore_index=-100, reduction="mean", label_smoothing=0.0):
@@ -68,10 +66,8 @@ def vocab_parallel_cross_entropy(logits, target, group, ignore_index=-100, reduc
         raise ValueError(f"vocab_parallel_cross_entropy: 'reduction' must be one of {_REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"vocab_parallel_cross_entropy: 'label_smoothing' must be in [0, 1], got {label_smoothing}")
-    vocab = logits.shape[1] * tp_world(group)
-    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-    if bool(bad.any()):
-        raise ValueError(f"vocab_parallel_cross_entropy: a target is outside [0, {vocab}) and is not ignore_index")
+    # On the CPU the kernel checks every target against the whole vocabulary; on CUDA an assertion is queued.
+    _assert_targets_in_range(target, logits.shape[1] * tp_world(group), ignore_index, "vocab_parallel_cross_entropy")
     rows = _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, float(label_smoothing))
     if reduction == "none":
         return rows
