@@ -277,9 +277,23 @@ def _bad_layout(rank, world):
     return "no error"
 
 
-def test_autotp_refuses_heads_that_do_not_divide_naming_the_layer():
+def _bad_vocabulary(rank, world):
+    import transformers as tf
+    from zerofuse.tp import AutoTPError, tp_model_init
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=61, n_positions=16))
+    try:
+        tp_model_init(model, world)
+    except AutoTPError as e:
+        return str(e)
+    return "no error"
+
+
+def test_autotp_refuses_layouts_that_do_not_divide_naming_the_layer():
     message = run_world(4, _bad_layout)
     assert "model.layers.0.self_attn.k_proj has 2 heads" in message and "tensor-parallel size 4" in message
+    message = run_world(2, _bad_vocabulary)
+    assert message.startswith("tensor parallelism: transformer.wte: VocabParallelEmbedding: num_embeddings (61)")
+    assert "pad the vocabulary" in message
 
 
 # --- checkpoints across tensor-parallel sizes ---------------------------------------------------------------

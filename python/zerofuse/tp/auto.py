@@ -157,11 +157,14 @@ def tp_model_init(model: torch.nn.Module, tp_size: int = None, dtype=None, group
 
 
 def _parallel(path, parent, child, role, group, world):
-    if role == "vocab_embedding":
-        return VocabParallelEmbedding.from_embedding(child, group)
+    try:
+        if role == "vocab_embedding":
+            return VocabParallelEmbedding.from_embedding(child, group)
+        if role == "vocab_head":
+            return ColumnParallelLinear.from_linear(_as_linear(child), group, gather_output=True)
+    except ValueError as e:  # a vocabulary that does not divide
+        raise AutoTPError(f"tensor parallelism: {path}: {e}") from None
     linear = _as_linear(child)
-    if role == "vocab_head":
-        return ColumnParallelLinear.from_linear(linear, group, gather_output=True)
     if role == "fused_qkv":
         if linear.out_features % 3:
             raise AutoTPError(f"tensor parallelism: {path} ({linear.out_features} outputs) is not a fused q, k, v")
