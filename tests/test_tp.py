@@ -292,8 +292,9 @@ def test_autotp_refuses_layouts_that_do_not_divide_naming_the_layer():
     message = run_world(4, _bad_layout)
     assert "model.layers.0.self_attn.k_proj has 2 heads" in message and "tensor-parallel size 4" in message
     message = run_world(2, _bad_vocabulary)
-    assert message.startswith("tensor parallelism: transformer.wte: VocabParallelEmbedding: num_embeddings (61)")
-    assert "pad the vocabulary" in message
+    # The head or the embedding, whichever comes first: both split the 61-token vocabulary.
+    assert message.startswith(("tensor parallelism: lm_head: ", "tensor parallelism: transformer.wte: "))
+    assert "(61) is not divisible by the tensor-parallel size (2)" in message and "pad the vocabulary" in message
 
 
 # --- checkpoints across tensor-parallel sizes ---------------------------------------------------------------

@@ -163,7 +163,8 @@ def _parallel(path, parent, child, role, group, world):
         if role == "vocab_head":
             return ColumnParallelLinear.from_linear(_as_linear(child), group, gather_output=True)
     except ValueError as e:  # a vocabulary that does not divide
-        raise AutoTPError(f"tensor parallelism: {path}: {e}") from None
+        hint = "" if "pad the vocabulary" in str(e) else "; pad the vocabulary to a multiple of it"
+        raise AutoTPError(f"tensor parallelism: {path}: {e}{hint}") from None
     linear = _as_linear(child)
     if role == "fused_qkv":
         if linear.out_features % 3:
