@@ -197,9 +197,16 @@ class PipelineModule(nn.Module):
 
     @torch.no_grad()
     def _synchronize_tied_weights(self):
+        """The primary's values to every copy. The layers are still on the CPU
+        here; the broadcast goes through this rank's device (NCCL takes device
+        tensors only)."""
+        device = distributed.local_device()
         for comm in self.tied_comms.values():
             for attr in comm["weight_attr"]:
-                dist.broadcast(self._tied_attr(comm["module"], attr), src=comm["ranks"][0], group=comm["group"])
+                weight = self._tied_attr(comm["module"], attr)
+                values = weight.detach().to(device)
+                dist.broadcast(values, src=comm["ranks"][0], group=comm["group"])
+                weight.copy_(values)
 
     @staticmethod
     def _tied_attr(module, dotted):

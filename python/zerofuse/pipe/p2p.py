@@ -29,13 +29,13 @@ _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
 _CODE = {d: i for i, d in enumerate(_DTYPES)}
 
 
-def _as_tuple(x) -> Tuple[torch.Tensor, ...]:
+def as_tuple(x) -> Tuple[torch.Tensor, ...]:
     return x if isinstance(x, tuple) else (x,)
 
 
 def describe(x) -> List[int]:
     """[is_tuple, count, then per tensor: dtype code, requires_grad, ndim, *shape]."""
-    tensors = _as_tuple(x)
+    tensors = as_tuple(x)
     out = [int(isinstance(x, tuple)), len(tensors)]
     for t in tensors:
         if not isinstance(t, torch.Tensor):
@@ -108,15 +108,16 @@ class StageLink:
     def send_activations(self, x, micro_batch: int):
         desc = describe(x)
         if self._sent_desc is None or self.dynamic:
-            header = torch.tensor(desc, dtype=torch.int64)
-            self._send(torch.tensor([len(desc)], dtype=torch.int64), self.next)
-            self._send(header, self.next)
+            # On the stage's device: NCCL sends device tensors only (gloo takes either).
+            self._send(torch.tensor([len(desc)], dtype=torch.int64, device=self.device), self.next)
+            self._send(torch.tensor(desc, dtype=torch.int64, device=self.device), self.next)
             self._sent_desc = desc
         elif desc != self._sent_desc:
             raise PipelineError(f"pipeline stage {self.stage}: micro-batch {micro_batch}'s activations "
-                                f"{_parse(desc)[1]} differ from the first micro-batch's {_parse(self._sent_desc)[1]}; "
-                                "build the PipelineModule with dynamic_shape=True for varying shapes")
-        for t in _as_tuple(x):
+                                f"{_parse(desc)[1]} differ from the first micro-batch's "
+                                f"{_parse(self._sent_desc)[1]}; build the PipelineModule with dynamic_shape=True "
+                                "for varying shapes")
+        for t in as_tuple(x):
             self._send(t.detach(), self.next)
 
     def recv_activations(self, micro_batch: int):
@@ -124,8 +125,8 @@ class StageLink:
         carried gradients there require them here (their .grad goes back)."""
         what = f"activations of micro-batch {micro_batch}"
         if self._recv_desc is None or self.dynamic:
-            length = self._recv(torch.zeros(1, dtype=torch.int64), self.prev, what)
-            header = self._recv(torch.zeros(int(length), dtype=torch.int64), self.prev, what)
+            length = self._recv(torch.zeros(1, dtype=torch.int64, device=self.device), self.prev, what)
+            header = self._recv(torch.zeros(int(length), dtype=torch.int64, device=self.device), self.prev, what)
             self._recv_desc = _parse(header.tolist())
         is_tuple, specs = self._recv_desc
         out = []
@@ -139,12 +140,12 @@ class StageLink:
     def send_grads(self, received, micro_batch: int):
         """The gradients of the activations this stage received for micro_batch
         (zeros for one backward did not reach)."""
-        for t in _as_tuple(received):
+        for t in as_tuple(received):
             if t.requires_grad:
                 self._send(t.grad if t.grad is not None else torch.zeros_like(t), self.prev)
 
     def recv_grads(self, sent, micro_batch: int) -> List[torch.Tensor]:
         """Gradients for the activations this stage sent for micro_batch (those that carry gradients)."""
         what = f"gradients of micro-batch {micro_batch}"
-        return [self._recv(torch.empty_like(t), self.next, what) for t in _as_tuple(sent)
+        return [self._recv(torch.empty_like(t), self.next, what) for t in as_tuple(sent)
                 if t.requires_grad and t.is_floating_point()]
