@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..runtime.engine import Engine, _cast_inputs, _loss_of
 from .module import PipelineError, PipelineModule
-from .p2p import StageLink
+from .p2p import StageLink, as_tuple
 from .schedule import FORWARD, eval_schedule, ideal_bubble_fraction, train_schedule
 
 
@@ -34,14 +34,15 @@ class PipelineEngine(Engine):
 
     def __init__(self, model, config, model_parameters=None, optimizer=None, lr_scheduler=None,
                  training_data=None, process_group=None, collate_fn=None, mpu=None):
-        """Engine's arguments; the data-parallel group comes from the
-        PipelineModule's grid (process_group and mpu are not used)."""
+        """Engine's arguments; the PipelineModule's grid is the mpu (its data-
+        parallel group, and a tensor-parallel group when stages are split
+        further); process_group and mpu are not used."""
         if not isinstance(model, PipelineModule):
             raise TypeError(f"PipelineEngine: 'model' must be a PipelineModule, got {type(model).__name__}")
         grid = model.mpu()
         self.grid = grid  # before Engine.__init__, whose reports ask who reports
-        super().__init__(model, config, model_parameters, optimizer, lr_scheduler, training_data,
-                         grid.get_data_parallel_group() if dist.is_initialized() else None, collate_fn)
+        super().__init__(model, config, model_parameters, optimizer, lr_scheduler, training_data, None, collate_fn,
+                         mpu=grid)
         c = self._config
         if c.zero.stage == 3:
             raise PipelineError("ZeRO stage 3 cannot be combined with pipeline parallelism (nor can it in "
@@ -58,18 +59,11 @@ class PipelineEngine(Engine):
         self.link = StageLink(grid, self.device, c.pipeline_timeout, model.dynamic_shape)
         if self.num_stages > 1:
             self.optimizer.extra_stat_groups.append(grid.get_pipe_parallel_group())
-        # Counted once in the gradient statistics: a tied weight on its primary stage, a parameter
-        # replicated over the stage's tensor-parallel group (Megatron layers inside stages) on its rank 0.
-        not_counted = model.tied_parameters_not_primary()
-        if grid.model_parallel_size > 1:
-            from ..runtime.engine import TensorParallel
-            self.tp = TensorParallel(grid.get_model_parallel_group(), grid.model_parallel_id, grid.model_parallel_size)
-            self.optimizer.extra_stat_groups.append(self.tp.group)
-            if self.tp.rank != 0:
-                not_counted += [p for _, p in self.optimizer.named_trainable_parameters()
-                                if not getattr(p, "tensor_model_parallel", False)]
-        if not_counted:
-            self.optimizer.exclude_from_norm(not_counted)
+        # A tied weight counts in the gradient statistics on its primary stage only (the
+        # engine already did the same for tensor-parallel replicas, through the mpu).
+        not_primary = model.tied_parameters_not_primary()
+        if not_primary:
+            self.optimizer.exclude_from_norm(not_primary)
         self._tied_slices = self._tied_gradient_slices(model)
         self.data_iterator = None
         self.last_bubble_fraction = None
@@ -159,7 +153,7 @@ class PipelineEngine(Engine):
                     self.scaled_loss(sent.pop(i)).backward()
                 else:
                     out = sent.pop(i)
-                    outputs = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()]
+                    outputs = [t for t in as_tuple(out) if t.requires_grad and t.is_floating_point()]
                     grads = self.link.recv_grads(out, i)
                     torch.autograd.backward(outputs, grads)
             finally:
@@ -245,11 +239,9 @@ class PipelineEngine(Engine):
         else:
             received = self.link.recv_activations(i)
         out = self._run_module(received)
-        if not self.is_last_stage():
+        if not self.is_last_stage() or not compute_loss:
             return received, out
         loss_fn = self.module.loss_fn
-        if not compute_loss:
-            return received, out
         labels = _cast_inputs(batch[1], self.model_dtype, self.device)
         loss = _loss_of(loss_fn(out, labels) if loss_fn is not None else out)
         if loss.numel() != 1:
@@ -335,12 +327,3 @@ class PipelineEngine(Engine):
                                  exclude_frozen_parameters)
         return True
 
-    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
-                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
-        from ..runtime.checkpoint import load_checkpoint
-        return load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
-                                        load_lr_scheduler_states, load_module_only, custom_load_fn)
-
-
-def _tensors(x):
-    return x if isinstance(x, tuple) else (x,)

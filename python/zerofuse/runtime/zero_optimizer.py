@@ -82,6 +82,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # stages, and a tied copy whose primary is elsewhere is left out of them.
         self.extra_stat_groups: List = []
         self.norm_grad_views = self.all_grad_views
+        self._not_counted = set()  # ids of parameters left out of the statistics (exclude_from_norm)
         self.rule = update_rule(self)
 
     @torch.no_grad()
@@ -156,11 +157,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Leave `params` out of the gradient statistics (norm and inf/NaN
         check): copies counted on another rank -- a pipeline's tied weight
         whose primary is on another stage, a tensor-parallel group's
-        replicated parameters on all but its first rank. ZeRO stages 0-2."""
+        replicated parameters on all but its first rank. Calls add up. ZeRO
+        stages 0-2."""
         if self.stage >= 3:
             raise ValueError("exclude_from_norm needs ZeRO stage 0, 1 or 2")
+        self._not_counted.update(id(p) for p in params)
         excluded = sorted((slot.offset, slot.offset + slot.numel) for slot in self.layout.slots
-                          if any(slot.param is p for p in params))
+                          if id(slot.param) in self._not_counted)
         views = []
         for runs in self.runs_of_group:
             for r in runs:
