@@ -57,14 +57,13 @@ def _layers(rank, world):
     col, row, emb = torch.nn.Linear(6, 4 * world), torch.nn.Linear(4 * world, 5), torch.nn.Embedding(3 * world, 6)
     x = torch.randn(2, 3, 6, dtype=torch.float32)
     ids = torch.randint(0, 3 * world, (2, 3))
-    outs = []
-    for gather in (True,):
-        c = ColumnParallelLinear.from_linear(col, group, gather_output=gather)
-        r = RowParallelLinear.from_linear(row, group, input_is_parallel=False)
-        e = VocabParallelEmbedding.from_embedding(emb, group)
-        y = r(c(x + e(ids)))
-        y.sum().backward()
-        outs.append((y.detach(), c.weight.grad, r.weight.grad, e.weight.grad))
+    c = ColumnParallelLinear.from_linear(col, group, gather_output=True)
+    r = RowParallelLinear.from_linear(row, group, input_is_parallel=False)
+    e = VocabParallelEmbedding.from_embedding(emb, group)
+    y = r(c(x + e(ids)))
+    y.sum().backward()
+    grads = [None] * world
+    dist.all_gather_object(grads, (c.weight.grad, r.weight.grad, e.weight.grad))
     errors = []
     try:
         VocabParallelEmbedding(3 * world + 1, 4, group)
@@ -74,13 +73,14 @@ def _layers(rank, world):
         ColumnParallelLinear(4, 2 * world + 1, group=group)
     except ValueError as err:
         errors.append(str(err))
-    return outs, errors
+    # Every rank's slices side by side: the whole layers' gradients.
+    whole = [torch.cat([g[k] for g in grads], dim=dim) for k, dim in ((0, 0), (1, 1), (2, 0))]
+    return y.detach(), whole, errors
 
 
-def test_parallel_layers_equal_the_whole_layers_and_refuse_bad_splits():
-    world = 2
-    (y, col_grad, row_grad, emb_grad), = run_world(world, _layers)[0]
-    _, errors = run_world(world, _layers)
+@pytest.mark.parametrize("world", [2, 3])
+def test_parallel_layers_equal_the_whole_layers_and_refuse_bad_splits(world):
+    y, (col_grad, row_grad, emb_grad), errors = run_world(world, _layers)
     torch.manual_seed(3)
     col, row, emb = torch.nn.Linear(6, 4 * world), torch.nn.Linear(4 * world, 5), torch.nn.Embedding(3 * world, 6)
     x = torch.randn(2, 3, 6)
@@ -88,12 +88,13 @@ def test_parallel_layers_equal_the_whole_layers_and_refuse_bad_splits():
     expected = row(col(x + emb(ids)))
     expected.sum().backward()
     torch.testing.assert_close(y, expected.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(col_grad, col.weight.grad.chunk(world, 0)[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(row_grad, row.weight.grad.chunk(world, 1)[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(emb_grad, emb.weight.grad.chunk(world, 0)[0], rtol=1e-5, atol=1e-6)
-    assert "VocabParallelEmbedding: num_embeddings (7) is not divisible by the tensor-parallel size (2)" in errors[0]
+    torch.testing.assert_close(col_grad, col.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(row_grad, row.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(emb_grad, emb.weight.grad, rtol=1e-5, atol=1e-6)
+    assert (f"VocabParallelEmbedding: num_embeddings ({3 * world + 1}) is not divisible by the tensor-parallel size "
+            f"({world})") in errors[0]
     assert "pad the vocabulary" in errors[0]
-    assert "ColumnParallelLinear: out_features (5)" in errors[1]
+    assert f"ColumnParallelLinear: out_features ({2 * world + 1})" in errors[1]
 
 
 # --- training through the engine ----------------------------------------------------------------------------

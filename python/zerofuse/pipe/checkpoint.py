@@ -26,7 +26,6 @@ from ..runtime import client_state as client_codec
 from ..runtime.checkpoint import (_param_table, _rng_name, _shard_name, begin_save, common_manifest, publish)
 from ..runtime.checkpoint_files import rng_state, save_file
 from ..tp.checkpoint import whole_state
-from ..tp.whole import spec_of
 
 
 def _layer_file(idx):
@@ -69,11 +68,6 @@ def save_pipeline_checkpoint(engine, save_dir, tag, client_state, save_latest=Tr
     # The whole model's parameter table and key order, from every stage in stage order
     # (tensor-parallel slices under their whole shapes, with how they are cut).
     table, order = _param_table(engine)
-    own = dict(opt.named_trainable_parameters())
-    for entry in table:
-        spec = spec_of(own[entry["name"]])
-        if spec is not None and engine.tp is not None:
-            entry["shape"], entry["tp"] = list(spec.shape), spec.to_json()
     names, keys, params = [], {}, {}
     for their_table, their_order in _everyone((table, order)):
         for entry in their_table:

@@ -55,10 +55,17 @@ def _barrier(engine):
 
 def _param_table(engine):
     """Trainable parameters in the optimizer's order, each with every state_dict
-    key that names it (tied weights have several)."""
+    key that names it (tied weights have several). With tensor parallelism a
+    split parameter is listed by its whole shape, with how its slices are cut."""
     trainable = engine.optimizer.named_trainable_parameters()
     index_of = {id(p): i for i, (_, p) in enumerate(trainable)}
-    table = [{"name": name, "shape": list(full_shape(p)), "keys": []} for name, p in trainable]
+    table = []
+    for name, p in trainable:
+        spec = getattr(p, "tp_whole", None) if engine.tp is not None else None
+        entry = {"name": name, "shape": list(full_shape(p) if spec is None else spec.shape), "keys": []}
+        if spec is not None:
+            entry["tp"] = spec.to_json()
+        table.append(entry)
     order = []
     for key, value in engine.module.state_dict(keep_vars=True).items():
         i = index_of.get(id(value))
@@ -474,19 +481,9 @@ def to_fp32_state_dict(load_dir, tag=None):
     PyTorch model. Reads the shard files one at a time, memory-mapped."""
     path, manifest = read_manifest(load_dir, tag)
     states = read_model_states(path, manifest, mmap=True)
-    if manifest.get("tensor_parallel"):  # slices of several ranks: put together per parameter
-        whole = whole_values(path, manifest, {p["name"] for p in manifest["params"]}, ["master"])
-        params = {name: values["master"] for name, values in whole.items()}
-    else:
-        params = {p["name"]: torch.empty(p["shape"], dtype=torch.float32) for p in manifest["params"]}
-        filled = {name: 0 for name in params}
-        for name, first, values in _iter_pieces(path, manifest, ["master"]):
-            flat = params[name].view(-1)
-            flat[first:first + values["master"].numel()] = values["master"]
-            filled[name] += values["master"].numel()
-        for name, t in params.items():
-            if filled[name] != t.numel():
-                raise CheckpointError(f"{path}: the shards hold {filled[name]} of {t.numel()} values of {name!r}")
+    # Every parameter put together from its pieces (and, with tensor parallelism, its ranks' slices).
+    whole = whole_values(path, manifest, {p["name"] for p in manifest["params"]}, ["master"])
+    params = {name: values["master"] for name, values in whole.items()}
     key_to_param = {key: p["name"] for p in manifest["params"] for key in p["keys"]}
     out = OrderedDict()
     for key in manifest["state_dict_keys"]:

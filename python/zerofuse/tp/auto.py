@@ -44,8 +44,8 @@ def _as_linear(module) -> torch.nn.Linear:
     if isinstance(module, torch.nn.Linear):
         return module
     weight = module.weight.detach().t()
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None,
-                             device=weight.device, dtype=weight.dtype)
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device=weight.device,
+                             dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if module.bias is not None:
@@ -94,9 +94,9 @@ def _localize_attention(parent, world):
     """Head counts the module keeps as attributes, now this rank's."""
     if hasattr(parent, "split_size"):  # GPT-2: c_attn's output is split into q, k, v by this size
         parent.split_size //= world
-    for name in ("num_heads", "num_attention_heads", "all_head_size", "embed_dim"):
+    for name in ("num_heads", "num_attention_heads", "all_head_size"):
         value = getattr(parent, name, None)
-        if isinstance(value, int) and name != "embed_dim":
+        if isinstance(value, int):
             setattr(parent, name, value // world)
 
 
@@ -170,16 +170,10 @@ def _parallel(path, parent, child, role, group, world):
         if linear.out_features % 3:
             raise AutoTPError(f"tensor parallelism: {path} ({linear.out_features} outputs) is not a fused q, k, v")
         _check_heads(path, parent, linear.out_features // 3, world)
-        parts = []
-        for w, b in zip(linear.weight.detach().chunk(3), (linear.bias.detach().chunk(3) if linear.bias is not None
-                                                          else (None,) * 3)):
-            part = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                part.weight.copy_(w)
-                if b is not None:
-                    part.bias.copy_(b)
-            parts.append(part)
-        return ColumnParallelLinear.from_linears(parts, group)
+        # [q; k; v] rows, each part split by heads: the slice is [q_r; k_r; v_r].
+        third = linear.out_features // 3
+        return ColumnParallelLinear(linear.in_features, linear.out_features, linear.bias is not None, False, group,
+                                    _whole=(linear.weight, linear.bias, (third,) * 3))
     try:
         if role == "column":
             _check_heads(path, parent, linear.out_features, world)

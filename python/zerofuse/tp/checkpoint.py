@@ -70,12 +70,6 @@ def save_tensor_parallel_checkpoint(engine, save_dir, tag, client_state, save_la
 
     if rank == 0:
         table, order = _param_table(engine)
-        params = dict(opt.named_trainable_parameters())
-        for entry in table:
-            spec = spec_of(params[entry["name"]])
-            if spec is not None:
-                entry["shape"] = list(spec.shape)
-                entry["tp"] = spec.to_json()
         manifest = common_manifest(engine, tag, opt_state, client_json, client_tensors)
         manifest.update({
             "world_size": dist.get_world_size(),

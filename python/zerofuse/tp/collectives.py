@@ -19,12 +19,17 @@ import torch.distributed as dist
 from ..runtime.comms_log import COMMS_LOG
 
 
-def _world(group) -> int:
+def tp_world(group) -> int:
+    """Ranks in the tensor-parallel group (None: one, no communication)."""
     return 1 if group is None else dist.get_world_size(group)
 
 
+def tp_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
 def _all_reduce(x, group):
-    if _world(group) == 1:
+    if tp_world(group) == 1:
         return x
     x = x.contiguous()
     COMMS_LOG.record("all_reduce", x.numel() * x.element_size())
@@ -33,7 +38,7 @@ def _all_reduce(x, group):
 
 
 def _gather_last(x, group):
-    world = _world(group)
+    world = tp_world(group)
     if world == 1:
         return x
     x = x.contiguous()
@@ -44,14 +49,14 @@ def _gather_last(x, group):
 
 
 def _own_slice_last(x, group):
-    world = _world(group)
+    world = tp_world(group)
     if world == 1:
         return x
     size = x.shape[-1]
     if size % world:
         raise ValueError(f"tensor parallelism: the last dimension ({size}) is not divisible by the tensor-parallel "
                          f"size ({world})")
-    rank = dist.get_rank(group)
+    rank = tp_rank(group)
     return x[..., rank * (size // world):(rank + 1) * (size // world)].contiguous()
 
 

@@ -14,11 +14,10 @@ import torch.nn.functional as F
 
 from .. import _C
 from ..ops._library import stream_of
-from ..ops.cross_entropy import _assert_targets_in_range
+from ..ops.cross_entropy import _assert_targets_in_range, _check, _reduce
+from ..runtime.comms_log import COMMS_LOG
 from .collectives import copy_to_tensor_parallel
 from .layers import tp_rank, tp_world
-
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -35,8 +34,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                                  **slice_args)
         if group is not None:  # the row's log-sum-exp from the slices': max, then one sum of both row values
             row_max = lse.clone()
+            COMMS_LOG.record("all_reduce", row_max.numel() * 4)
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
             sums = torch.stack([torch.exp(lse - row_max), share])
+            COMMS_LOG.record("all_reduce", sums.numel() * 4)
             dist.all_reduce(sums, group=group)
             lse, share = row_max + torch.log(sums[0]), sums[1]
         loss = (lse + share) * (target != ignore_index)
@@ -57,23 +58,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits, target, group, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """F.cross_entropy over the whole vocabulary, given this rank's slice
     `logits` [N, V/tp] (vocabulary rows [rank * V/tp, (rank + 1) * V/tp))."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError("vocab_parallel_cross_entropy: 'logits' must be a floating [N, V/tp] tensor")
-    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or target.shape != logits.shape[:1]:
-        raise ValueError(f"vocab_parallel_cross_entropy: 'target' must be an int64 tensor of shape "
-                         f"[{logits.shape[0]}]")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"vocab_parallel_cross_entropy: 'reduction' must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"vocab_parallel_cross_entropy: 'label_smoothing' must be in [0, 1], got {label_smoothing}")
+    op = "vocab_parallel_cross_entropy"
+    _check(logits, target, reduction, label_smoothing, op)  # zerofuse.ops.cross_entropy's checks
     # On the CPU the kernel checks every target against the whole vocabulary; on CUDA an assertion is queued.
-    _assert_targets_in_range(target, logits.shape[1] * tp_world(group), ignore_index, "vocab_parallel_cross_entropy")
+    _assert_targets_in_range(target, logits.shape[1] * tp_world(group), ignore_index, op)
     rows = _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, float(label_smoothing))
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / (target != ignore_index).sum()
+    return _reduce(rows, target, ignore_index, reduction)
 
 
 def linear_vocab_parallel_cross_entropy(hidden, weight, target, group, bias=None, **kwargs):

@@ -18,20 +18,11 @@ can be built from the whole torch layer (`from_linear`, `from_embedding`), so
 the split model starts exactly where the unsplit one does.
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .whole import WholeSpec
-from .collectives import copy_to_tensor_parallel, gather_from_tensor_parallel, reduce_from_tensor_parallel, \
-    scatter_to_tensor_parallel
-
-
-def tp_world(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def tp_rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
+from .collectives import (copy_to_tensor_parallel, gather_from_tensor_parallel, reduce_from_tensor_parallel,
+                          scatter_to_tensor_parallel, tp_rank, tp_world)
+from .whole import WholeSpec, local_from_whole
 
 
 def _split(total: int, group, layer: str, what: str) -> int:
@@ -42,31 +33,38 @@ def _split(total: int, group, layer: str, what: str) -> int:
     return total // world
 
 
-def _mark(param, dim, whole_shape, splits=None):
-    """Megatron's marks, and how this slice is cut from the whole parameter (whole.py)."""
+def _slice_of(whole: torch.Tensor, dim: int, group, splits=None) -> torch.nn.Parameter:
+    """This rank's slice of a whole parameter, cut as whole.py says (the one
+    cut checkpoints also use), with Megatron's marks and the cut recorded."""
+    spec = WholeSpec(tuple(whole.shape), dim, None if splits is None else tuple(splits))
+    param = torch.nn.Parameter(local_from_whole(whole.detach(), spec, tp_rank(group), tp_world(group)))
     param.tensor_model_parallel = True
     param.partition_dim = dim
-    param.tp_whole = WholeSpec(tuple(whole_shape), dim, splits)
+    param.tp_whole = spec
     return param
 
 
 class ColumnParallelLinear(torch.nn.Module):
     def __init__(self, in_features, out_features, bias=True, gather_output=False, group=None, device=None,
-                 dtype=None, _full=None):
+                 dtype=None, _whole=None):
+        """_whole: (weight, bias or None, splits) of the whole layer to take this
+        rank's slice of (default: a new nn.Linear's, initialised as torch does)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.group = gather_output, group
-        local = _split(out_features, group, "ColumnParallelLinear", "out_features")
-        full = _full if _full is not None else torch.nn.Linear(in_features, out_features, bias=bias, device=device,
-                                                                 dtype=dtype)
-        rows = slice(tp_rank(group) * local, (tp_rank(group) + 1) * local)
-        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[rows].clone()), 0, full.weight.shape)
-        self.bias = _mark(torch.nn.Parameter(full.bias.detach()[rows].clone()), 0, full.bias.shape) if bias else None
+        if _whole is None:
+            full = torch.nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+            _whole = (full.weight, full.bias, None)
+        weight, whole_bias, splits = _whole
+        for part in splits or (out_features,):
+            _split(part, group, "ColumnParallelLinear", "out_features")
+        self.weight = _slice_of(weight, 0, group, splits)
+        self.bias = _slice_of(whole_bias, 0, group, splits) if whole_bias is not None else None
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, group, gather_output=False):
         return cls(linear.in_features, linear.out_features, linear.bias is not None, gather_output, group,
-                   _full=linear)
+                   _whole=(linear.weight, linear.bias, None))
 
     @classmethod
     def from_linears(cls, linears, group):
@@ -76,17 +74,12 @@ class ColumnParallelLinear(torch.nn.Module):
         of three)."""
         first = linears[0]
         if any(l.in_features != first.in_features or (l.bias is None) != (first.bias is None) for l in linears):
-            raise ValueError("ColumnParallelLinear.from_linears: the linears must share in_features and having a bias")
-        layer = cls(first.in_features, first.out_features, first.bias is not None, False, group, _full=first)
-        parts = [cls.from_linear(l, group) for l in linears]
-        layer.out_features = sum(l.out_features for l in linears)
-        splits = tuple(l.out_features for l in linears)
-        layer.weight = _mark(torch.nn.Parameter(torch.cat([p.weight.detach() for p in parts])), 0,
-                             (sum(splits), first.in_features), splits)
-        if first.bias is not None:
-            layer.bias = _mark(torch.nn.Parameter(torch.cat([p.bias.detach() for p in parts])), 0, (sum(splits),),
-                               splits)
-        return layer
+            raise ValueError("ColumnParallelLinear.from_linears: the linears must share in_features, and all have a "
+                             "bias or none")
+        splits = [l.out_features for l in linears]
+        bias = torch.cat([l.bias.detach() for l in linears]) if first.bias is not None else None
+        return cls(first.in_features, sum(splits), bias is not None, False, group,
+                   _whole=(torch.cat([l.weight.detach() for l in linears]), bias, splits))
 
     def forward(self, x):
         y = F.linear(copy_to_tensor_parallel(x, self.group), self.weight, self.bias)
@@ -102,11 +95,10 @@ class RowParallelLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel, self.group = input_is_parallel, group
-        local = _split(in_features, group, "RowParallelLinear", "in_features")
+        _split(in_features, group, "RowParallelLinear", "in_features")
         full = _full if _full is not None else torch.nn.Linear(in_features, out_features, bias=bias, device=device,
                                                                  dtype=dtype)
-        cols = slice(tp_rank(group) * local, (tp_rank(group) + 1) * local)
-        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[:, cols].clone()), 1, full.weight.shape)
+        self.weight = _slice_of(full.weight, 1, group)
         self.bias = torch.nn.Parameter(full.bias.detach().clone()) if bias else None  # replicated
 
     @classmethod
@@ -135,8 +127,7 @@ class VocabParallelEmbedding(torch.nn.Module):
         self.vocab_end = self.vocab_start + local
         full = _full if _full is not None else torch.nn.Embedding(num_embeddings, embedding_dim, device=device,
                                                                     dtype=dtype)
-        self.weight = _mark(torch.nn.Parameter(full.weight.detach()[self.vocab_start:self.vocab_end].clone()), 0,
-                            full.weight.shape)
+        self.weight = _slice_of(full.weight, 0, group)
 
     @classmethod
     def from_embedding(cls, embedding: torch.nn.Embedding, group):
