@@ -152,3 +152,33 @@ def print_table(results: dict):
     print(f"{'case':<36} {'zerofuse ms':>12} {'peer ms':>10} {'speedup':>8}  peer")
     for name, r in results.items():
         print(f"{name:<36} {r['zerofuse_ms']:>12.3f} {r['peer_ms']:>10.3f} {r['speedup']:>7.2f}x  {r['peer']}")
+
+
+def _cpu_rank(rank, world, port, fn, args, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), ZEROFUSE_DEVICE="cpu")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the ranks share the cores
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        if rank == 0:
+            torch.save(result, result_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_cpu_ranks(world: int, fn, *args):
+    """fn(rank, world, *args) in `world` fresh processes on the CPU, joined by
+    a gloo group (fn must be importable: a module-level function); returns
+    rank 0's result. Fresh processes per run keep runs independent."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.pt")
+        mp.spawn(_cpu_rank, args=(world, port, fn, args, path), nprocs=world, join=True)
+        return torch.load(path, weights_only=False)

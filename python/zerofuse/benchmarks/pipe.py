@@ -15,19 +15,15 @@ for m micro-batches per step; the losses of all configurations must agree.
 import argparse
 import contextlib
 import io
-import os
-import socket
 import statistics
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from zerofuse.models import GPT, GPTConfig
 
-from .common import write_results
+from .common import run_on_cpu_ranks, write_results
 
 MODEL = dict(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=128)  # `zerofuse train`'s CPU default
 MICRO_ROWS, SEQ = 4, 128
@@ -49,7 +45,7 @@ def _global_batches(steps, rows):
     return out
 
 
-def _run(kind, micro_batches, steps, rank, world):
+def _run(rank, world, kind, micro_batches, steps):
     """(step seconds, losses, bubble fractions of the stages or None) on this rank."""
     import zerofuse
     from zerofuse.models.gpt_pipe import gpt_pipeline
@@ -70,7 +66,9 @@ def _run(kind, micro_batches, steps, rank, world):
             losses.append(engine.train_batch(micro).item())
             times.append(time.perf_counter() - t0)
             bubbles.append(engine.last_bubble_fraction)
-        return times, losses, bubbles
+        everyone = [None] * world  # every stage's idle fractions
+        dist.all_gather_object(everyone, bubbles)
+        return times, losses, everyone
     per_rank = micro_batches // world  # data parallel: the global batch's micro-batches split over the ranks
     with quiet:
         engine, *_ = zerofuse.initialize(model=model, config=_config(per_rank, 1))
@@ -88,32 +86,6 @@ def _run(kind, micro_batches, steps, rank, world):
         times.append(time.perf_counter() - t0)
         losses.append(total.item() / (per_rank * world))
     return times, losses, None
-
-
-def _worker(rank, world, port, kind, micro_batches, steps, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), ZEROFUSE_DEVICE="cpu")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        times, losses, bubbles = _run(kind, micro_batches, steps, rank, world)
-        everyone = [None] * world
-        dist.all_gather_object(everyone, bubbles)
-        if rank == 0:
-            torch.save((times, losses, everyone if kind == "pipeline" else None), result_path)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def run_once(kind, world, micro_batches, steps):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "result.pt")
-        mp.spawn(_worker, args=(world, port, kind, micro_batches, steps, path), nprocs=world, join=True)
-        return torch.load(path, weights_only=False)
 
 
 def main(argv=None):
@@ -137,8 +109,8 @@ def main(argv=None):
         bubbles, losses = [], {}
         for r in range(args.rounds):
             for kind, (world, medians) in runs.items():
-                times, run_losses, stage_bubbles = run_once("pipeline" if kind == "pipeline" else "dp", world, m,
-                                                            args.steps)
+                times, run_losses, stage_bubbles = run_on_cpu_ranks(world, _run, "pipeline" if kind == "pipeline"
+                                                                    else "dp", m, args.steps)
                 medians.append(statistics.median(times[args.warmup:]) * 1e3)
                 losses[kind] = run_losses
                 if stage_bubbles is not None:

@@ -16,17 +16,13 @@ must agree.
 import argparse
 import contextlib
 import io
-import os
-import socket
 import statistics
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from .common import write_results
+from .common import run_on_cpu_ranks, write_results
 
 GPT2 = dict(n_layer=4, n_embd=128, n_head=4, vocab_size=256, n_positions=128)  # zerofuse train's CPU default
 ROWS, SEQ = 16, 128  # the global batch: 16 sequences of 128 tokens
@@ -49,7 +45,7 @@ def _config(kind, world):
     return cfg
 
 
-def _run(kind, steps, rank, world):
+def _run(rank, world, kind, steps):
     import zerofuse
     from zerofuse.runtime.comms_log import COMMS_LOG
 
@@ -76,30 +72,6 @@ def _run(kind, steps, rank, world):
     return times, losses, sum(per_step.values())
 
 
-def _worker(rank, world, port, kind, steps, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), ZEROFUSE_DEVICE="cpu")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = _run(kind, steps, rank, world)
-        if rank == 0:
-            torch.save(result, result_path)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def run_once(kind, world, steps):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "result.pt")
-        mp.spawn(_worker, args=(world, port, kind, steps, path), nprocs=world, join=True)
-        return torch.load(path, weights_only=False)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tp", type=int, default=2)
@@ -115,7 +87,7 @@ def main(argv=None):
     details = {}
     for r in range(args.rounds):
         for kind, world in runs.items():
-            times, losses, nbytes = run_once(kind, world, args.steps)
+            times, losses, nbytes = run_on_cpu_ranks(world, _run, kind, args.steps)
             medians[kind].append(statistics.median(times[args.warmup:]) * 1e3)
             details[kind] = {"processes": world, "losses": [round(v, 6) for v in losses],
                              "bytes_sent_per_step": nbytes}
