@@ -267,6 +267,10 @@ def test_autotp_hugging_face_models_match_one_process(kind, world, tp):
     assert norm == pytest.approx(ref_norm, rel=1e-4)
     assert after == pytest.approx(expected_after, rel=1e-5)
     assert f"tensor parallel over {tp} ranks" in printed
+    if kind == "bert":  # the MLM head's transform is no attention or MLP layer: left whole, and listed
+        assert "left whole (replicated): cls.predictions.transform.dense\n" in printed
+    else:
+        assert "left whole (replicated): none" in printed
 
 
 def _bad_layout(rank, world):
