@@ -17,6 +17,7 @@ activation). Parameters are named as in the whole model (layer 3's weight is
 "3.weight", a tied module's "tied_modules.<key>.weight"), so checkpoints
 and optimizer state are named the same at any number of stages.
 """
+import itertools
 import random
 from functools import partial
 from typing import Callable, Dict, List, Optional
@@ -307,7 +308,6 @@ class PipelineModule(nn.Module):
 
 
 def _product(dims):
-    import itertools
     return itertools.product(*[range(max(d, 1)) for d in dims])
 
 

@@ -104,6 +104,7 @@ class PipelineParallelGrid:
     Every rank must build it (group creation is collective)."""
 
     def __init__(self, topology: ProcessTopology = None, process_group=None):
+        """process_group: accepted for DeepSpeed's signature; the groups are always made over the world."""
         initialized = dist.is_initialized()
         self.global_rank = dist.get_rank() if initialized else 0
         self.world_size = dist.get_world_size() if initialized else 1  # one process, no groups at all
