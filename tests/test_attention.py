@@ -43,7 +43,9 @@ def run_and_compare(q, k, v, dtype, causal=False, mask=None, scale=None):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
     "shape",
-    [(1, 1, 1, 1, 1), (2, 3, 5, 7, 8), (1, 2, 65, 130, 16), (2, 1, 129, 64, 24), (1, 1, 100, 100, 64)],
+    # 300 keys: two key blocks (the online softmax across blocks) and five query blocks
+    [(1, 1, 1, 1, 1), (2, 3, 5, 7, 8), (1, 2, 65, 130, 16), (2, 1, 129, 64, 24), (1, 1, 100, 100, 64),
+     (1, 2, 300, 300, 40), (1, 1, 37, 300, 19)],
     ids=lambda s: "x".join(map(str, s)),
 )
 def test_matches_float64_reference(dtype, causal, shape):
@@ -54,8 +56,9 @@ def test_matches_float64_reference(dtype, causal, shape):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_key_padding_mask_with_fully_masked_rows(dtype, causal):
-    b, h, s, d = 3, 2, 70, 16
+@pytest.mark.parametrize("s", [70, 270])  # 270: the mask read at a second key block's offset
+def test_key_padding_mask_with_fully_masked_rows(dtype, causal, s):
+    b, h, d = 3, 2, 16
     mask = torch.rand(b, s) > 0.3
     mask[1] = False  # batch 1 sees no key at all: zeros out, zero grads
     mask[2, :5] = False  # with causal, batch 2's first queries see nothing

@@ -15,7 +15,15 @@
 #include <immintrin.h>
 #endif
 
-namespace zerofuse::cpu {
+#ifndef ZF_CPU_ISA
+#error "included only by CPU kernel sources, which are compiled once per instruction set"
+#endif
+
+// In the variant's own namespace: an inline function that gcc emits out of
+// line would otherwise be one weak symbol for every variant, and the linker
+// would keep one copy -- possibly built for an instruction set the processor
+// lacks.
+namespace zerofuse::cpu::ZF_CPU_ISA {
 
 struct Half {
   std::uint16_t bits;
@@ -139,4 +147,4 @@ decltype(auto) dispatch_float_or_double(DType dtype, Fn&& fn) {
   return dispatch_float(dtype, std::forward<Fn>(fn));
 }
 
-}  // namespace zerofuse::cpu
+}  // namespace zerofuse::cpu::ZF_CPU_ISA

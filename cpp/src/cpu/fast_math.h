@@ -6,10 +6,21 @@
 // vectorise because the kernels build with -fno-trapping-math.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 
-namespace zerofuse::cpu {
+#ifndef ZF_CPU_ISA
+#error "included only by CPU kernel sources, which are compiled once per instruction set"
+#endif
+
+// In the variant's own namespace: an inline function that gcc emits out of
+// line would otherwise be one weak symbol for every variant, and the linker
+// would keep one copy -- possibly built for an instruction set the processor
+// lacks.
+namespace zerofuse::cpu::ZF_CPU_ISA {
 
 inline float exp_approx(float x) {
   const float log2e = 1.44269504088896341f;
@@ -54,4 +65,50 @@ inline float tanh_approx(float x) {
   return x * p / q;
 }
 
-}  // namespace zerofuse::cpu
+// floats per SIMD register in this variant (the portable one uses GCC's
+// generic vectors, split into what the target has).
+#if defined(__AVX512F__)
+constexpr int kVectorFloats = 16;
+#else
+constexpr int kVectorFloats = 8;
+#endif
+
+// The largest of x[0, n) (-inf for n = 0; NaNs are passed over, as
+// std::max(m, NaN) passes them). gcc will not vectorise a max reduction
+// written as a loop -- it stays one dependent vmaxss per element, 4 cycles
+// each -- so this keeps two vector accumulators by hand.
+inline float max_of(const float* x, std::int64_t n) {
+  typedef float vfloat __attribute__((vector_size(kVectorFloats * sizeof(float))));
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  vfloat a0 = vfloat{} + neg_inf, a1 = a0;
+  std::int64_t j = 0;
+  for (; j + 2 * kVectorFloats <= n; j += 2 * kVectorFloats) {
+    vfloat x0, x1;
+    std::memcpy(&x0, x + j, sizeof x0);
+    std::memcpy(&x1, x + j + kVectorFloats, sizeof x1);
+    a0 = x0 > a0 ? x0 : a0;
+    a1 = x1 > a1 ? x1 : a1;
+  }
+  if (j < n) {  // the last, partial vectors: padded with -inf, not a scalar loop
+    float tail[2 * kVectorFloats];
+    std::fill(tail, tail + 2 * kVectorFloats, neg_inf);
+    std::memcpy(tail, x + j, sizeof(float) * std::size_t(n - j));
+    vfloat x0, x1;
+    std::memcpy(&x0, tail, sizeof x0);
+    std::memcpy(&x1, tail + kVectorFloats, sizeof x1);
+    a0 = x0 > a0 ? x0 : a0;
+    a1 = x1 > a1 ? x1 : a1;
+  }
+  a0 = a1 > a0 ? a1 : a0;
+  float m = neg_inf;
+  for (int lane = 0; lane < kVectorFloats; ++lane) m = a0[lane] > m ? a0[lane] : m;
+  return m;
+}
+
+inline double max_of(const double* x, std::int64_t n) {  // float64: reference work
+  double m = -std::numeric_limits<double>::infinity();
+  for (std::int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+}  // namespace zerofuse::cpu::ZF_CPU_ISA
