@@ -27,10 +27,14 @@ template <bool Tanh>
 inline float gelu_grad(float u) {
   if constexpr (Tanh) {
     const float z = kSqrt2OverPi * (u + 0.044715f * u * u * u);
-    // 1 - tanh^2 as 4 e^-2|z| / (1 + e^-2|z|)^2: accurate where tanh is near +-1.
+    // tanh and 1 - tanh^2 from one e = e^-2|z| and one division:
+    // tanh|z| = (1 - e) / (1 + e), sech^2 = 4e / (1 + e)^2 (accurate where tanh
+    // is near +-1). Two divisions made this loop wait on the divider.
     const float e = exp_approx(-2.0f * std::fabs(z));
-    const float sech2 = 4.0f * e / ((1.0f + e) * (1.0f + e));
-    return 0.5f * (1.0f + tanh_approx(z)) + 0.5f * u * sech2 * kSqrt2OverPi * (1.0f + 3.0f * 0.044715f * u * u);
+    const float r = 1.0f / (1.0f + e);
+    const float t = std::copysign((1.0f - e) * r, z);
+    const float sech2 = 4.0f * e * r * r;
+    return 0.5f * (1.0f + t) + 0.5f * u * sech2 * kSqrt2OverPi * (1.0f + 3.0f * 0.044715f * u * u);
   }
   return 0.5f * (1.0f + std::erf(u * kInvSqrt2)) + u * kInvSqrt2Pi * exp_approx(-0.5f * u * u);
 }
