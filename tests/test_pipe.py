@@ -77,6 +77,18 @@ def masters(engine):
     return {n: t.view(shapes[n]) for n, t in out.items()}
 
 
+def assert_same_training(got, expected, name):
+    """Parameters after STEPS steps of Adam at LR 1e-2 (each step moves an
+    element by about LR): on average within 1e-6, and every element within 1%
+    of one step. Not 1e-5 each: an element whose gradient is near Adam's eps
+    (a sum that cancels to ~1e-8) turns a rounding difference of that sum --
+    another kernel's summation order -- into ~1e-5 of update; a real error
+    (a missing or doubled gradient) moves elements by a whole step."""
+    diff = (got - expected).abs()
+    assert diff.mean().item() < 1e-6, f"{name}: mean difference {diff.mean().item():.3g}"
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, msg=name)
+
+
 def reference(steps, tied=True, dp=1):
     """torch AdamW + clip_grad_norm_ on the plain model over each step's whole batch."""
     model = pm.Reference(tied=tied)
@@ -116,7 +128,7 @@ def test_fp32_pipeline_matches_one_process(world, stages, zero_stage, tied, kwar
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert sorted(master) == sorted(ref_params)
     for name, value in ref_params.items():
-        torch.testing.assert_close(master[name], value, rtol=0, atol=1e-5, msg=name)
+        assert_same_training(master[name], value, name)
 
 
 def _one_process_engine(dtype, tied):
