@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from zerofuse import _C
-from zerofuse.ops import attention
+from zerofuse.ops import attention, attention_qkv_packed
 
 from conftest import FLOAT_DTYPES, assert_close
 
@@ -123,3 +123,41 @@ def test_bad_arguments_name_the_argument():
         _C.attention_forward(q, q, q, None, False, 1.0, torch.empty_like(q), torch.empty(1, 2, 5))
     with pytest.raises(ValueError, match="'scale' must be finite"):
         _C.attention_forward(q, q, q, None, False, float("inf"), torch.empty_like(q), torch.empty(1, 2, 4))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 37, 3, 16), (1, 130, 2, 24), (3, 5, 1, 7)], ids=lambda s: "x".join(map(str, s)))
+def test_qkv_packed_matches_float64_reference_and_the_unpacked_op(causal, shape):
+    b, t, h, d = shape
+    qkv = torch.randn(b, t, 3 * h * d, requires_grad=True)
+    out = attention_qkv_packed(qkv, h, causal=causal)
+    assert out.shape == (b, t, h * d)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+
+    # float64, whole score matrix, through the same packed layout
+    packed64 = qkv.detach().double().requires_grad_()
+    q, k, v = (x.transpose(1, 2) for x in packed64.view(b, t, 3, h, d).unbind(2))
+    s = (q @ k.transpose(-1, -2)) * d ** -0.5
+    if causal:
+        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    ref = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(b, t, h * d)
+    ref.backward(grad.double())
+    assert_close(out, ref, torch.float32, factor=8, what="out")
+    assert_close(qkv.grad, packed64.grad, torch.float32, factor=16, what="dqkv")
+
+    # the same kernels as attention() on the three views: the same bits
+    unpacked = qkv.detach().clone().requires_grad_()
+    q, k, v = (x.transpose(1, 2) for x in unpacked.view(b, t, 3, h, d).unbind(2))
+    out2 = attention(q, k, v, causal=causal).transpose(1, 2).reshape(b, t, h * d)
+    out2.backward(grad)
+    assert torch.equal(out, out2) and torch.equal(qkv.grad, unpacked.grad)
+
+
+def test_qkv_packed_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="'qkv' must be \\[batch, seq, 3 \\* heads \\* head_dim\\]"):
+        attention_qkv_packed(torch.randn(4, 24), 2)
+    with pytest.raises(ValueError, match="must be 3 \\* num_heads \\* head_dim \\(a multiple of 6\\)"):
+        attention_qkv_packed(torch.randn(1, 4, 20), 2)
+    with pytest.raises(ValueError, match="'num_heads' must be a positive integer"):
+        attention_qkv_packed(torch.randn(1, 4, 24), 0)

@@ -28,6 +28,13 @@ def test_opcheck_attention(causal, masked):
     torch.library.opcheck(torch.ops.zerofuse.attention.default, (q, k, v, mask, causal, 0.3), test_utils=OPCHECK_TESTS)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_attention_qkv_packed(causal):
+    qkv = torch.randn(2, 9, 3 * 3 * 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.zerofuse.attention_qkv_packed.default, (qkv, 3, causal, 0.3),
+                          test_utils=OPCHECK_TESTS)
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_forward_and_backward():
     ln = torch.nn.LayerNorm(16)

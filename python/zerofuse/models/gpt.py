@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..nn.layer_norm import LayerNorm as FusedLayerNorm
 from ..ops.add_layer_norm import add_layer_norm
-from ..ops.attention import attention
+from ..ops.attention import attention_qkv_packed
 from ..ops.bias_gelu import bias_gelu
 from ..ops.cross_entropy import linear_cross_entropy
 
@@ -53,14 +53,13 @@ class CausalSelfAttention(torch.nn.Module):
         self.proj = torch.nn.Linear(c.n_embd, c.n_embd)
 
     def forward(self, x):
+        if self.fused:  # from the fused QKV output to [B, T, C], gradient back into one [B, T, 3C]
+            return self.proj(attention_qkv_packed(self.qkv(x), self.n_head, causal=True))
         b, t, d = x.shape
-        # [B, T, 3, H, Dh] -> three [B, H, T, Dh] views (no copies: the kernels take strides)
+        # [B, T, 3, H, Dh] -> three [B, H, T, Dh] views
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, d // self.n_head).unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.fused:
-            y = attention(q, k, v, causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 

@@ -184,3 +184,100 @@ def attention(
     if attn_mask is not None:
         return _attention_with_mask(q, k, v, attn_mask, key_padding_mask, bool(causal), float(scale))
     return attention_op(q, k, v, key_padding_mask, bool(causal), float(scale))[0]
+
+
+# --- packed QKV: the output of one fused Linear, [batch, seq, 3 * heads * head_dim] -------------------
+
+def _check_packed(qkv, num_heads, op="zerofuse.ops.attention_qkv_packed"):
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"{op}: 'qkv' must be [batch, seq, 3 * heads * head_dim], got "
+                         f"{list(getattr(qkv, 'shape', []))}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"{op}: 'num_heads' must be a positive integer, got {num_heads!r}")
+    if qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"{op}: the last dimension of 'qkv' ({qkv.shape[-1]}) must be 3 * num_heads * head_dim "
+                         f"(a multiple of {3 * num_heads})")
+
+
+def _packed_views(qkv, num_heads):
+    """q, k, v as [batch, heads, seq, head_dim] views of qkv (no copies)."""
+    b, t, c3 = qkv.shape
+    q, k, v = qkv.view(b, t, 3, num_heads, c3 // (3 * num_heads)).unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _packed_forward_impl(qkv, num_heads, causal, scale):
+    _check_packed(qkv, num_heads)
+    qkv = qkv.contiguous()
+    q, k, v = _packed_views(qkv, num_heads)
+    _check(q, k, v, None)
+    b, t, c3 = qkv.shape
+    out = torch.empty(b, t, c3 // 3, dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(q.shape[:3], dtype=_lse_dtype(q), device=q.device)
+    _C.attention_forward(q, k, v, None, causal, scale, out.view(b, t, num_heads, -1).transpose(1, 2), lse,
+                         stream_of(q))
+    return out, lse
+
+
+def _packed_forward_fake(qkv, num_heads, causal, scale):
+    _check_packed(qkv, num_heads)
+    b, t, c3 = qkv.shape
+    return qkv.new_empty(b, t, c3 // 3), qkv.new_empty(b, num_heads, t, dtype=_lse_dtype(qkv))
+
+
+def _packed_backward_impl(grad_out, qkv, out, lse, num_heads, causal, scale):
+    qkv, grad_out = qkv.contiguous(), grad_out.contiguous()
+    b, t, c3 = qkv.shape
+    heads_view = lambda x: x.view(b, t, num_heads, -1).transpose(1, 2)  # noqa: E731
+    # dQ, dK and dV land in one [batch, seq, 3 * channels] buffer: the fused
+    # Linear's gradient, with no stack of three separate ones.
+    dqkv = torch.empty_like(qkv)
+    _C.attention_backward(heads_view(grad_out), *_packed_views(qkv, num_heads), heads_view(out), lse, None, causal,
+                          scale, *_packed_views(dqkv, num_heads), stream_of(qkv))
+    return dqkv
+
+
+attention_qkv_packed_backward_op = define(
+    "attention_qkv_packed_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
+    "bool causal, float scale) -> Tensor",
+    _packed_backward_impl,
+    lambda grad_out, qkv, out, lse, num_heads, causal, scale: torch.empty_like(
+        qkv, memory_format=torch.contiguous_format),
+)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, num_heads, causal, scale = inputs
+    out, lse = output
+    ctx.num_heads, ctx.causal, ctx.scale = num_heads, causal, scale
+    ctx.save_for_backward(qkv, out, lse)
+
+
+def _packed_backward(ctx, grad_out, _grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    dqkv = attention_qkv_packed_backward_op(grad_out, qkv, out, lse, ctx.num_heads, ctx.causal, ctx.scale)
+    return dqkv, None, None, None
+
+
+attention_qkv_packed_op = define(
+    "attention_qkv_packed(Tensor qkv, int num_heads, bool causal, float scale) -> (Tensor, Tensor)",
+    _packed_forward_impl,
+    _packed_forward_fake,
+    _packed_backward,
+    _packed_setup_context,
+)
+
+
+@honours_torch_function
+def attention_qkv_packed(qkv: torch.Tensor, num_heads: int, *, causal: bool = False,
+                         scale: Optional[float] = None) -> torch.Tensor:
+    """attention() on the output of one fused QKV Linear: qkv [batch, seq,
+    3 * heads * head_dim] (q, then k, then v, heads inside each) gives
+    [batch, seq, heads * head_dim], ready for the output projection. The same
+    kernels as attention(); its backward writes dQ, dK and dV into one
+    [batch, seq, 3 * heads * head_dim] gradient instead of three that autograd
+    then stacks (a copy of the whole QKV activation per layer)."""
+    _check_packed(qkv, num_heads)
+    if scale is None:
+        scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
+    return attention_qkv_packed_op(qkv, num_heads, bool(causal), float(scale))[0]
