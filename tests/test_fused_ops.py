@@ -137,6 +137,19 @@ def test_linear_cross_entropy_equals_the_unfused_head(reduction, chunk_size, wit
         assert_close(bias.grad, b64.grad, torch.float32, factor=64, what="dbias")
 
 
+@pytest.mark.parametrize("rows,classes", [(300, 67), (2100, 2500)])  # one piece; chunks of about an eighth
+def test_linear_cross_entropy_from_loss_backward(rows, classes):
+    # loss.backward() (a gradient of exactly 1) takes the path that skips scaling.
+    hidden = torch.randn(rows, 16, requires_grad=True)
+    weight = torch.randn(classes, 16, requires_grad=True)
+    target = torch.randint(0, classes, (rows,))
+    linear_cross_entropy(hidden, weight, target).backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    F.cross_entropy(F.linear(h64, w64), target).backward()
+    assert_close(hidden.grad, h64.grad, torch.float32, factor=64, what="dhidden")
+    assert_close(weight.grad, w64.grad, torch.float32, factor=64, what="dweight")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_cross_entropy_low_precision(dtype):
     hidden = torch.randn(33, 24).to(dtype).requires_grad_()

@@ -14,7 +14,7 @@
 namespace zerofuse::cpu::ZF_CPU_ISA {
 namespace {
 
-constexpr std::int64_t kBlock = 64;
+constexpr std::int64_t kBlock = 512;  // logits per online-softmax block (2 KiB on the stack)
 
 template <typename T>
 void forward_typed(const TensorView& logits, const TensorView& target, const CrossEntropyConfig& c,
@@ -35,12 +35,13 @@ void forward_typed(const TensorView& logits, const TensorView& target, const Cro
       float m = -std::numeric_limits<float>::infinity(), s = 0.0f, total = 0.0f;
       for (std::int64_t j0 = 0; j0 < v; j0 += kBlock) {
         const std::int64_t nb = std::min(kBlock, v - j0);
-        float block_max = -std::numeric_limits<float>::infinity();
-        for (std::int64_t j = 0; j < nb; ++j) {
-          block[j] = to_float(row[j0 + j]);
-          block_max = std::max(block_max, block[j]);
-          total += block[j];
-        }
+        for (std::int64_t j = 0; j < nb; ++j) block[j] = to_float(row[j0 + j]);
+        // Separate passes: a max folded into this loop kept all three scalar.
+        const float block_max = max_of(block, nb);
+        float block_total = 0.0f;
+#pragma omp simd reduction(+ : block_total)
+        for (std::int64_t j = 0; j < nb; ++j) block_total += block[j];
+        total += block_total;
         if (block_max > m) {
           s *= exp_approx(m - block_max);  // 0 on the first block (m = -inf)
           m = block_max;

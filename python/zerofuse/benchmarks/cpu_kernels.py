@@ -1,4 +1,6 @@
-"""CPU kernel benchmark: zerofuse against torch's CPU equivalents in the same run.
+"""CPU kernel benchmark: zerofuse against torch's CPU equivalents in the same run,
+at the kernel benchmark's usual sizes and at the shapes `zerofuse train`'s
+default CPU model runs (the `train/` cases).
 
     python bench/cpu_kernels.py            # writes bench/results/cpu-kernels-<date>.json
 """
@@ -8,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import zerofuse
-from zerofuse.ops import attention, masked_softmax
+from zerofuse.ops import add_layer_norm, attention, attention_qkv_packed, bias_gelu, linear_cross_entropy, masked_softmax
 from zerofuse.optim import FusedAdam
 
 from .common import case, compare_cpu, print_table, write_results
@@ -106,6 +108,92 @@ def bench_attention_with_bias(b, h, s, d, repeat):
                 err.item(), shape=[b, h, s, d])
 
 
+# --- the shapes `zerofuse train`'s default CPU model runs (L4 C128 T128, batch 16, 4 heads, vocab 256):
+# what a training step calls, forward and backward, against the torch modules the
+# plain-torch baseline of bench/train_cpu.py uses.
+
+def _fwd_bwd(fn, leaves, grad):
+    def run():
+        for t in leaves:
+            t.grad = None
+        fn().backward(grad)
+    return run
+
+
+def bench_train_attention(b, t, h, d, repeat):
+    """Causal attention from a fused QKV output [B, T, 3C], as the model calls it."""
+    qkv = torch.randn(b, t, 3 * h * d, requires_grad=True)
+
+    def peer_fn():
+        q, k, v = (x.transpose(1, 2) for x in qkv.view(b, t, 3, h, d).unbind(2))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, h * d)
+
+    ours_fn = lambda: attention_qkv_packed(qkv, h, causal=True)  # noqa: E731
+    err = (ours_fn() - peer_fn()).abs().max().item()
+    grad = torch.randn(b, t, h * d)
+    with torch.no_grad():
+        fwd = case(*compare_cpu(ours_fn, peer_fn, repeat=repeat), "F.scaled_dot_product_attention (CPU)", err,
+                   shape=[b, h, t, d])
+    both = case(*compare_cpu(_fwd_bwd(ours_fn, [qkv], grad), _fwd_bwd(peer_fn, [qkv], grad), repeat=repeat),
+                "F.scaled_dot_product_attention (CPU) fwd+bwd", err, shape=[b, h, t, d])
+    return fwd, both
+
+
+def bench_train_bias_gelu(rows, width, repeat):
+    """The MLP's bias + GELU(tanh) after a bias-free Linear, against the bias
+    added by torch's Linear and F.gelu (its backward sums the bias gradient)."""
+    x = torch.randn(rows, width, requires_grad=True)
+    bias = torch.randn(width, requires_grad=True)
+    ours_fn = lambda: bias_gelu(x, bias, approximate="tanh")  # noqa: E731
+    peer_fn = lambda: F.gelu(x + bias, approximate="tanh")  # noqa: E731
+    err = (ours_fn() - peer_fn()).abs().max().item()
+    grad = torch.randn(rows, width)
+    with torch.no_grad():
+        fwd = case(*compare_cpu(ours_fn, peer_fn, repeat=repeat), "F.gelu(x + bias, approximate='tanh')", err,
+                   shape=[rows, width])
+    both = case(*compare_cpu(_fwd_bwd(ours_fn, [x, bias], grad), _fwd_bwd(peer_fn, [x, bias], grad), repeat=repeat),
+                "F.gelu(x + bias, approximate='tanh') fwd+bwd", err, shape=[rows, width])
+    return fwd, both
+
+
+def bench_train_add_layer_norm(rows, width, repeat):
+    """The block's residual add and second LayerNorm in one op, against x + y
+    then nn.LayerNorm."""
+    x, y = (torch.randn(rows, width, requires_grad=True) for _ in range(2))
+    norm = torch.nn.LayerNorm(width)
+    ours_fn = lambda: sum(t.sum() for t in add_layer_norm(x, y, (width,), norm.weight, norm.bias, norm.eps))  # noqa: E731
+    peer_fn = lambda: (lambda s: norm(s).sum() + s.sum())(x + y)  # noqa: E731
+    err = abs(ours_fn().item() - peer_fn().item())
+    return case(*compare_cpu(_fwd_bwd(ours_fn, [x, y], None), _fwd_bwd(peer_fn, [x, y], None), repeat=repeat),
+                "x + y, nn.LayerNorm fwd+bwd", err, shape=[rows, width])
+
+
+def bench_train_head_loss(rows, width, vocab, repeat):
+    """The LM head and loss: zerofuse's linear_cross_entropy (no [rows, vocab]
+    logits kept) against F.linear then F.cross_entropy."""
+    x = torch.randn(rows, width, requires_grad=True)
+    w = (torch.randn(vocab, width) * 0.02).requires_grad_()
+    target = torch.randint(0, vocab, (rows,))
+    ours_fn = lambda: linear_cross_entropy(x, w, target)  # noqa: E731
+    peer_fn = lambda: F.cross_entropy(F.linear(x, w), target)  # noqa: E731
+    err = abs(ours_fn().item() - peer_fn().item())
+    return case(*compare_cpu(_fwd_bwd(ours_fn, [x, w], None), _fwd_bwd(peer_fn, [x, w], None), repeat=repeat),
+                "F.linear + F.cross_entropy fwd+bwd", err, shape=[rows, width, vocab])
+
+
+def train_shapes(results, repeat, scale=1):
+    b = max(1, 16 // scale)
+    fwd, both = bench_train_attention(b, 128, 4, 32, repeat)
+    results["train/attention/causal/16x4x128x32/fp32/fwd"] = fwd
+    results["train/attention/causal/16x4x128x32/fp32/fwd+bwd"] = both
+    fwd, both = bench_train_bias_gelu(b * 128, 512, repeat)
+    results["train/bias_gelu/2048x512/fp32/fwd"] = fwd
+    results["train/bias_gelu/2048x512/fp32/fwd+bwd"] = both
+    results["train/add_layer_norm/2048x128/fp32/fwd+bwd"] = bench_train_add_layer_norm(b * 128, 128, repeat)
+    results["train/linear_cross_entropy/2048x128xV256/fp32/fwd+bwd"] = bench_train_head_loss(b * 128, 128, 256,
+                                                                                           repeat)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
@@ -131,6 +219,7 @@ def main(argv=None):
     b = 4 // min(scale, 4)
     results["masked_softmax/bias/4x12x512x512/fp32/fwd+bwd"] = bench_masked_softmax(b, 12, 512, repeat)
     results["attention/bias/4x12x512x64/fp32/fwd+bwd"] = bench_attention_with_bias(b, 12, 512, 64, repeat)
+    train_shapes(results, repeat, scale)
     print_table(results)
     if not args.no_write:
         print("wrote", write_results("kernels", "cpu", results, args.out))
