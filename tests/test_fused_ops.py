@@ -150,12 +150,13 @@ def test_linear_cross_entropy_from_loss_backward(rows, classes):
     assert_close(weight.grad, w64.grad, torch.float32, factor=64, what="dweight")
 
 
+@pytest.mark.parametrize("chunk_size", [8, None])  # None: one piece, accumulated in float32 all the same
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_linear_cross_entropy_low_precision(dtype):
+def test_linear_cross_entropy_low_precision(dtype, chunk_size):
     hidden = torch.randn(33, 24).to(dtype).requires_grad_()
     weight = (torch.randn(101, 24) * 0.3).to(dtype).requires_grad_()
     target = torch.randint(0, 101, (33,))
-    loss = linear_cross_entropy(hidden, weight, target, chunk_size=8)
+    loss = linear_cross_entropy(hidden, weight, target, chunk_size=chunk_size)
     loss.backward()
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     ref = F.cross_entropy(h64 @ w64.T, target)

@@ -168,16 +168,17 @@ def _lce_forward_impl(hidden, weight, target, bias, ignore_index, reduction, chu
     loss = torch.empty(n, dtype=torch.float32, device=device)
     grads = compute_grad and reduction != 0
     dhidden = torch.empty_like(hidden) if grads else hidden.new_empty(0)
-    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if grads else weight.new_empty(0)
-    dbias = torch.zeros(v, dtype=torch.float32, device=device) if (grads and bias is not None) else weight.new_empty(0)
-    if grads:  # d(reduced loss)/d(loss row): 1, or 1 / (rows not ignored) -- a device scalar, no sync
-        scale = torch.ones(1, dtype=torch.float32, device=device)
-        if reduction == 1:
-            scale = scale / (target != ignore_index).sum().float()
-    stream = stream_of(hidden)
     chunks = _chunks(n, chunk_size, v)
-    if grads and len(chunks) == 1:  # written whole by the one chunk: nothing to zero and add to
-        dweight = torch.empty(weight.shape, dtype=torch.float32, device=device)
+    # One float32 chunk writes dweight whole; otherwise the chunks add into zeros.
+    one_piece = len(chunks) == 1 and hidden.dtype == torch.float32
+    new_dweight = torch.empty if one_piece else torch.zeros
+    dweight = new_dweight(weight.shape, dtype=torch.float32, device=device) if grads else weight.new_empty(0)
+    dbias = torch.zeros(v, dtype=torch.float32, device=device) if (grads and bias is not None) else weight.new_empty(0)
+    # Rows not ignored, counted once for the mean and its gradient (a device scalar, no sync).
+    counted = (target != ignore_index).sum().float().reshape(1) if reduction == 1 else None
+    if grads:  # d(reduced loss)/d(loss row): 1, or 1 / (rows not ignored)
+        scale = counted.reciprocal() if reduction == 1 else torch.ones(1, dtype=torch.float32, device=device)
+    stream = stream_of(hidden)
     for s, e in chunks:
         h = hidden[s:e]
         logits = torch.nn.functional.linear(h, weight, bias)  # [chunk, V]: the only logits that exist
@@ -186,14 +187,14 @@ def _lce_forward_impl(hidden, weight, target, bias, ignore_index, reduction, chu
         if grads:
             _C.cross_entropy_backward(logits, target[s:e], lse, scale, ignore_index, 0.0, logits, stream)
             torch.mm(logits, weight, out=dhidden[s:e])
-            if len(chunks) == 1 and logits.dtype == torch.float32:
+            if one_piece:
                 torch.mm(logits.t(), h, out=dweight)
             else:
                 dweight.add_(torch.mm(logits.t(), h).float())
             if bias is not None:
                 dbias.add_(logits.float().sum(0))
     if reduction == 1:
-        loss = loss.sum() / (target != ignore_index).sum()
+        loss = loss.sum() / counted[0]
     elif reduction == 2:
         loss = loss.sum()
     return loss, dhidden, dweight.to(weight.dtype) if grads else dweight, dbias.to(weight.dtype) if (
