@@ -27,8 +27,8 @@
 namespace zerofuse::cpu::ZF_CPU_ISA {
 namespace {
 
-constexpr std::int64_t kBlockQ = 64;   // queries per task (forward) and per step (backward)
-constexpr std::int64_t kBlockK = 256;  // keys per score block: a 64 x 256 float block is 64 KiB
+constexpr std::int64_t kBlockQ = 128;  // queries per task (forward) and per step (backward)
+constexpr std::int64_t kBlockK = 256;  // keys per score block: a 128 x 256 float block is 128 KiB
 
 struct Dims {
   std::int64_t batch, heads, seq_q, seq_k, head_dim;
