@@ -164,9 +164,9 @@ void block_scores(const BlockView& bv, Rows<A> q, const A* kt, std::int64_t d, A
                bv.query_diag()});
 }
 
-// Hides the padded keys among row i's first `visible` entries: -inf.
+// Sets the keys key_padding_mask hides among row i's first `visible` entries to -inf.
 template <typename A>
-void mask_padded_keys(const BlockView& bv, std::int64_t visible, A* __restrict si) {
+void hide_masked_keys(const BlockView& bv, std::int64_t visible, A* __restrict si) {
   if (!bv.key_mask) return;
   const std::uint8_t* __restrict keep = bv.key_mask + bv.k0;
   constexpr A neg_inf = -std::numeric_limits<A>::infinity();
@@ -208,7 +208,7 @@ void forward_typed(const TensorView& q, const TensorView& k, const TensorView& v
         for (std::int64_t i = 0; i < nq; ++i) {
           A* __restrict si = s.data() + i * nk;
           const std::int64_t visible = bv.visible(i);
-          mask_padded_keys(bv, visible, si);
+          hide_masked_keys(bv, visible, si);
           // Whole vectors: the keys past the diagonal up to the next vector
           // boundary are -inf (exp gives 0) instead of a scalar remainder loop.
           const std::int64_t padded = padded_to_vectors(visible, nk);
@@ -311,7 +311,7 @@ struct HeadBackward {
       A* __restrict dsi = ds.data() + i * nk;
       // A row that sees no key at all has no gradient.
       const std::int64_t visible = lse[i] == -std::numeric_limits<A>::infinity() ? 0 : bv.visible(i);
-      mask_padded_keys(bv, visible, pi);
+      hide_masked_keys(bv, visible, pi);
       const std::int64_t padded = padded_to_vectors(visible, nk);  // as in the forward
       std::fill(pi + visible, pi + padded, -std::numeric_limits<A>::infinity());
       const A row_lse = lse[i], row_di = di[i];

@@ -60,7 +60,6 @@ constexpr int kRows = 6;
 #else
 constexpr int kRows = 4;  // the portable variant: gcc splits each vector in two
 #endif
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 
 // The columns [0, n_end) and shared range [k0, k1) rows [m0, m0 + rows) need.
 struct Span {

@@ -72,13 +72,13 @@ constexpr int kVectorFloats = 16;
 #else
 constexpr int kVectorFloats = 8;
 #endif
+typedef float vfloat __attribute__((vector_size(kVectorFloats * sizeof(float))));
 
 // The largest of x[0, n) (-inf for n = 0; NaNs are passed over, as
 // std::max(m, NaN) passes them). gcc will not vectorise a max reduction
 // written as a loop -- it stays one dependent vmaxss per element, 4 cycles
 // each -- so this keeps two vector accumulators by hand.
 inline float max_of(const float* x, std::int64_t n) {
-  typedef float vfloat __attribute__((vector_size(kVectorFloats * sizeof(float))));
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   vfloat a0 = vfloat{} + neg_inf, a1 = a0;
   std::int64_t j = 0;

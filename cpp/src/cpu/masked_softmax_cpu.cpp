@@ -68,9 +68,7 @@ void forward_typed(const TensorView& xv, const TensorView* maskv, const MaskedSo
 #pragma omp simd
         for (std::int64_t j = 0; j < limit; ++j) z[j] = x_at(j) * scale;
       }
-      C max = neg_inf;
-#pragma omp simd reduction(max : max)
-      for (std::int64_t j = 0; j < limit; ++j) max = z[j] > max ? z[j] : max;
+      const C max = max_of(z, limit);
       if (max == neg_inf) {  // nothing may be attended: zeros, as the attention kernels give
         const bool has_nan = std::any_of(z, z + limit, [](C v) { return v != v; });
         std::fill(yr, yr + n, store_as<T>(has_nan ? std::numeric_limits<C>::quiet_NaN() : C(0)));
