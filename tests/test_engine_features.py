@@ -234,3 +234,42 @@ def test_torchrun_two_processes(tmp_path):
     # Rank 0 alone prints the config and the periodic report.
     assert out.stdout.count("[zerofuse] resolved config") == 1
     assert out.stdout.count("[zerofuse] step=3") == 1
+
+
+class _Branchy(torch.nn.Module):
+    """A second layer that takes part only while use_second is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(6, 5), torch.nn.Linear(5, 5)
+        self.use_second = True
+
+    def forward(self, x):
+        h = self.first(x)
+        return ((self.second(h) if self.use_second else h) ** 2).mean()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_one_process_parameter_unused_for_a_window_gets_a_zero_gradient(stage):
+    # At world size 1 gradients go straight into the flat buffer or shard;
+    # a parameter with no gradient in a window must see zero there (momentum
+    # and weight decay still move it), not the previous window's gradient.
+    torch.manual_seed(0)
+    model = _Branchy()
+    reference = _Branchy()
+    reference.load_state_dict(model.state_dict())
+    engine = make_engine(base_config(train_micro_batch_size_per_gpu=3, gradient_accumulation_steps=2,
+                                     zero_optimization={"stage": stage}), model=model)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    data = torch.randn(3, 2, 3, 6, generator=torch.Generator().manual_seed(1))
+    for window, use_second in enumerate([True, False, False]):
+        model.use_second = reference.use_second = use_second
+        opt.zero_grad(set_to_none=False)  # the unused layer's gradient is zero, as in the engine
+        for micro in range(2):
+            engine.backward(engine(data[window, micro]))
+            engine.step()
+            (reference(data[window, micro]) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        opt.step()
+    for (name, got), expected in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got.detach(), expected.detach(), rtol=0, atol=1e-6, msg=name)

@@ -13,10 +13,10 @@ in bucket order (the same on every rank). Without overlap_comm each reduction
 is waited for at once; with it, it runs while backward goes on, at most
 MAX_IN_FLIGHT at a time (so ZeRO-2 holds only a couple of staging buckets).
 
-With one rank (world size 1) every reduction is the identity: the hook puts
+With one rank (world size 1) every reduction is the identity: the hook adds
 each gradient straight into its final place (the flat buffer, or ZeRO-2's
-shard) and nothing is staged, counted or launched -- the per-parameter
-Python work was 3% of a small model's CPU step.
+shard, zeroed when a window begins) and nothing is staged, counted or
+launched -- the per-parameter Python work was 3% of a small model's CPU step.
 
 Averaging: bf16/fp32 reduce with AVG; fp16 is divided by sqrt(world) before
 and after a SUM so the sum cannot overflow. DeepSpeed's prescale_gradients
@@ -86,7 +86,6 @@ class GradReducer:
         self.after_grad = None  # ZeRO-3: told each slot whose gradient is in (its unit may go)
         self.local_shard = self._local_shard_ranges() if self.world == 1 and stage == 2 else None
         self.local = self.world == 1 and (stage < 2 or self.local_shard is not None)
-        self.seen = [False] * len(layout.slots)  # local mode: which slots got a gradient this micro-step
         self.hooks = [slot.param.register_post_accumulate_grad_hook(self._hook(i))
                       for i, slot in enumerate(layout.slots)]
 
@@ -102,7 +101,7 @@ class GradReducer:
                 begin, end, _, shard_offset = self.layout.buckets[b]
                 lo, hi = max(begin, slot.offset), min(end, slot.offset + slot.numel)
                 c_lo, c_hi = self.layout.chunk_range(b)
-                if (c_lo, c_hi) != (begin, end) and c_hi - c_lo < end - begin:
+                if c_hi - c_lo < end - begin:
                     return None
                 pieces.append((shard_offset + lo - begin, shard_offset + hi - begin))
             if any(a[1] != b[0] for a, b in zip(pieces, pieces[1:])):
@@ -122,21 +121,14 @@ class GradReducer:
         self.first_in_window = first_in_window
         self.remaining = [len(s) for s in self.bucket_slots]
         self.next_bucket = 0
-        if self.local:
-            self.seen = [False] * len(self.layout.slots)
+        if self.local and self.stage == 2 and first_in_window:
+            self.shard_grads.zero_()  # the window's gradients are added into it
 
     def end_backward(self):
         """After backward: buckets whose parameters got no gradient (unused in
         this forward) are complete as they are; reduce whatever is left."""
         self.active = False
         if self.local:
-            # ZeRO-2 writes the first micro-step's gradients rather than adding
-            # them: a parameter that got none this window must read as zero.
-            if self.stage == 2 and self.first_in_window:
-                for i, seen in enumerate(self.seen):
-                    if not seen:
-                        lo, hi = self.local_shard[i]
-                        self.shard_grads[lo:hi].zero_()
             return
         if self.communicate:
             for b in range(len(self.remaining)):
@@ -204,14 +196,7 @@ class GradReducer:
             self.flat_grads[slot.offset:slot.offset + slot.numel].add_(grad)
         else:
             lo, hi = self.local_shard[slot_index]
-            dest = self.shard_grads[lo:hi]
-            # A parameter used twice in one forward is hooked once per backward,
-            # with its whole gradient: the first in a window writes, later ones add.
-            if self.first_in_window and not self.seen[slot_index]:
-                dest.copy_(grad)
-            else:
-                dest.add_(grad)
-        self.seen[slot_index] = True
+            self.shard_grads[lo:hi].add_(grad)
         if self.after_grad is not None:
             self.after_grad(slot_index)
 
