@@ -138,8 +138,9 @@ def test_linear_cross_entropy_equals_the_unfused_head(reduction, chunk_size, wit
 
 
 @pytest.mark.parametrize("rows,classes", [(300, 67), (2100, 2500)])  # one piece; chunks of about an eighth
-def test_linear_cross_entropy_from_loss_backward(rows, classes):
-    # loss.backward() (a gradient of exactly 1) takes the path that skips scaling.
+def test_linear_cross_entropy_default_chunking(rows, classes):
+    # The default chunk size: logits under 16 MiB in one piece (dweight written
+    # whole, not added into zeros), larger ones in chunks; from loss.backward().
     hidden = torch.randn(rows, 16, requires_grad=True)
     weight = torch.randn(classes, 16, requires_grad=True)
     target = torch.randint(0, classes, (rows,))

@@ -134,7 +134,7 @@ def cross_entropy(logits, target, *, ignore_index=-100, reduction="mean", label_
 _CODES = {"none": 0, "mean": 1, "sum": 2}
 
 
-# Logits smaller than this are computed in one piece: chunking saves little
+# Logits smaller than this (counted at 4 bytes each) are computed in one piece: chunking saves little
 # memory there and costs a matmul and kernel calls per chunk (a 2048 x 256 vocab
 # in eight chunks ran at 0.73x F.linear + F.cross_entropy on the CPU).
 _ONE_PIECE_BYTES = 16 << 20
@@ -258,12 +258,7 @@ def _lce_backward(ctx, grad_loss, *_):
     else:  # the forward computed the gradients of the reduced loss: scale them
         dh, dw, db = ctx.saved_tensors
         g = grad_loss.reshape(())
-        # loss.backward() starts from 1: on the CPU (where reading it costs no
-        # device sync) the three full-size products by 1 are skipped -- in
-        # eager mode only (a traced gradient is a tensor subclass with no value).
-        one = type(g) is torch.Tensor and g.device.type == "cpu" and g.item() == 1.0
-        if not one:
-            dh, dw, db = dh * g.to(dh.dtype), dw * g.to(dw.dtype), db * g.to(db.dtype) if ctx.has_bias else None
+        dh, dw, db = dh * g.to(dh.dtype), dw * g.to(dw.dtype), db * g.to(db.dtype) if ctx.has_bias else None
     return (dh if need[0] else None, dw if need[1] else None, None,
             db if (ctx.has_bias and need[3]) else None, None, None, None, None)
 
@@ -284,7 +279,8 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100
     """cross_entropy(hidden @ weight.T + bias, target) for hidden [..., D],
     weight [V, D] and target [...], without the full [N, V] logits: rows go
     through the matmul, the loss and (for mean/sum) the gradients in chunks of
-    `chunk_size` rows (default: an eighth of them). The loss is float32."""
+    `chunk_size` rows (default: all at once when the [N, V] logits would take
+    under 16 MiB, else about an eighth of them). The loss is float32."""
     op = "zerofuse.ops.linear_cross_entropy"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"{op}: 'weight' must be [num_classes, hidden_size], got {list(getattr(weight, 'shape', []))}")
