@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import zerofuse
-from zerofuse.ops import add_layer_norm, attention, attention_qkv_packed, bias_gelu, linear_cross_entropy, masked_softmax
+from zerofuse.ops import (add_layer_norm, attention, attention_qkv_packed, bias_gelu, linear_cross_entropy,
+                          masked_softmax)
 from zerofuse.optim import FusedAdam
 
 from .common import case, compare_cpu, print_table, write_results
@@ -198,16 +199,18 @@ def bench_train_head_loss(rows, width, vocab, repeat):
 
 
 def train_shapes(results, repeat, scale=1):
-    b = max(1, 16 // scale)
-    fwd, both = bench_train_attention(b, 128, 4, 32, repeat)
-    results["train/attention/causal/16x4x128x32/fp32/fwd"] = fwd
-    results["train/attention/causal/16x4x128x32/fp32/fwd+bwd"] = both
-    fwd, both = bench_train_bias_gelu(b * 128, 512, repeat)
-    results["train/bias_gelu/2048x512/fp32/fwd"] = fwd
-    results["train/bias_gelu/2048x512/fp32/fwd+bwd"] = both
-    results["train/add_layer_norm/2048x128/fp32/fwd+bwd"] = bench_train_add_layer_norm(b * 128, 128, repeat)
-    results["train/linear_cross_entropy/2048x128xV256/fp32/fwd+bwd"] = bench_train_head_loss(b * 128, 128, 256,
-                                                                                           repeat)
+    """The train/ cases; --quick (scale 10) shrinks the batch, and the names say the sizes run."""
+    b, t, h, d, vocab = max(1, 16 // scale), 128, 4, 32, 256
+    rows, width = b * t, h * d
+    fwd, both = bench_train_attention(b, t, h, d, repeat)
+    results[f"train/attention/causal/{b}x{h}x{t}x{d}/fp32/fwd"] = fwd
+    results[f"train/attention/causal/{b}x{h}x{t}x{d}/fp32/fwd+bwd"] = both
+    fwd, both = bench_train_bias_gelu(rows, 4 * width, repeat)
+    results[f"train/bias_gelu/{rows}x{4 * width}/fp32/fwd"] = fwd
+    results[f"train/bias_gelu/{rows}x{4 * width}/fp32/fwd+bwd"] = both
+    results[f"train/add_layer_norm/{rows}x{width}/fp32/fwd+bwd"] = bench_train_add_layer_norm(rows, width, repeat)
+    results[f"train/linear_cross_entropy/{rows}x{width}xV{vocab}/fp32/fwd+bwd"] = bench_train_head_loss(
+        rows, width, vocab, repeat)
 
 
 def main(argv=None):

@@ -8,5 +8,5 @@ from .grad_stats import grad_stats
 from .layer_norm import layer_norm
 from .masked_softmax import masked_softmax
 
-__all__ = ["add_layer_norm", "attention", "attention_qkv_packed", "bias_gelu", "cross_entropy", "grad_stats", "layer_norm",
-           "linear_cross_entropy", "masked_softmax"]
+__all__ = ["add_layer_norm", "attention", "attention_qkv_packed", "bias_gelu", "cross_entropy", "grad_stats",
+           "layer_norm", "linear_cross_entropy", "masked_softmax"]
