@@ -1,5 +1,4 @@
 #include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "cpu/kernels.h"
